@@ -1,0 +1,133 @@
+"""The backend registry: which implementation runs the LoRA linear op.
+
+A backend is a module in this package exposing ``BACKEND``, an object with:
+
+- ``name``: its registry name;
+- ``unavailable_reason(device) -> str | None``: None when it can run on ``device``, else why not;
+- ``forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed) -> (y, shrink)``;
+- ``backward(grad_y, x, weight, lora_A, lora_B, shrink, scaling, dropout_p, seed, needs) -> grads``;
+- ``keep_mask(seed, shape, dropout_p, device) -> BoolTensor``: the dropout keep-mask ``forward`` used,
+  so tests can hand it to the reference.
+
+The choice is read at every call (``set_backend`` first, then ``$FASTLORA_BACKEND``, then "auto"), so it
+can change while a program runs, also inside a compiled graph: the op's implementation resolves it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import os
+from collections.abc import Iterator
+from types import ModuleType
+from typing import Any
+
+import torch
+
+__all__ = [
+    "AUTO",
+    "BACKEND_NAMES",
+    "get_backend",
+    "resolve_backend",
+    "selected_backend_name",
+    "set_backend",
+    "use_backend",
+    "backend_status",
+]
+
+AUTO = "auto"
+ENV_VAR = "FASTLORA_BACKEND"
+
+# Registry name -> module. Modules are imported on first use so that a slow or broken optional
+# dependency (triton, the CUDA extension) never costs anything at `import fastlora`.
+_MODULES: dict[str, str] = {
+    "torch": "fastlora.backends.torch_backend",
+}
+BACKEND_NAMES: tuple[str, ...] = tuple(_MODULES)
+
+# What "auto" tries, fastest first, per device type. The torch backend runs everywhere and ends each list.
+_AUTO_ORDER: dict[str, tuple[str, ...]] = {}
+_AUTO_FALLBACK: tuple[str, ...] = ("torch",)
+
+_selected: str | None = None
+
+
+def _check_name(name: str, source: str) -> str:
+    if not isinstance(name, str) or (name != AUTO and name not in _MODULES):
+        raise ValueError(f"{source}: expected one of {[AUTO, *BACKEND_NAMES]}, got {name!r}")
+    return name
+
+
+def set_backend(name: str | None) -> None:
+    """Choose the backend for every later call: "auto", one of ``BACKEND_NAMES``, or None to go back to
+    ``$FASTLORA_BACKEND`` (or "auto" when that is unset)."""
+    global _selected
+    _selected = None if name is None else _check_name(name, "set_backend(name)")
+
+
+@contextlib.contextmanager
+def use_backend(name: str | None) -> Iterator[None]:
+    """``with fastlora.use_backend("torch"): ...`` selects a backend for the block, then restores the last one."""
+    global _selected
+    previous = _selected
+    set_backend(name)
+    try:
+        yield
+    finally:
+        _selected = previous
+
+
+def selected_backend_name() -> str:
+    """The name asked for now: ``set_backend``'s, else ``$FASTLORA_BACKEND``, else "auto"."""
+    if _selected is not None:
+        return _selected
+    env = os.environ.get(ENV_VAR)
+    if env:
+        return _check_name(env.strip().lower(), f"${ENV_VAR}")
+    return AUTO
+
+
+_loaded: dict[str, Any] = {}
+
+
+def get_backend(name: str) -> Any:
+    """The backend object registered as ``name`` (imported on first use)."""
+    _check_name(name, "backend name")
+    if name == AUTO:
+        raise ValueError("backend name: 'auto' is resolved per device; call resolve_backend(device)")
+    backend = _loaded.get(name)
+    if backend is None:
+        module: ModuleType = importlib.import_module(_MODULES[name])
+        backend = _loaded[name] = module.BACKEND
+    return backend
+
+
+def _reason(name: str, device: torch.device) -> str | None:
+    try:
+        backend = get_backend(name)
+    except ImportError as err:  # an optional dependency is missing or broken
+        return f"cannot import: {err}"
+    return backend.unavailable_reason(device)
+
+
+def resolve_backend(device: torch.device) -> Any:
+    """The backend that runs now for tensors on ``device``.
+
+    "auto" takes the first available backend in its preference order for the device type, quietly. A
+    backend asked for by name that cannot run on ``device`` raises RuntimeError saying why.
+    """
+    name = selected_backend_name()
+    if name == AUTO:
+        for candidate in _AUTO_ORDER.get(device.type, ()) + _AUTO_FALLBACK:
+            if _reason(candidate, device) is None:
+                return get_backend(candidate)
+        raise RuntimeError(f"fastlora: no backend can run on {device}")  # unreachable: torch runs anywhere
+    reason = _reason(name, device)
+    if reason is not None:
+        raise RuntimeError(f"fastlora backend {name!r} was requested but cannot run on {device}: {reason}")
+    return get_backend(name)
+
+
+def backend_status(device: torch.device) -> dict[str, str | None]:
+    """For each registered backend: None when it can run on ``device``, else the reason it cannot."""
+    return {name: _reason(name, device) for name in BACKEND_NAMES}

@@ -1,0 +1,131 @@
+"""``lora_linear``: argument checks with clear messages, autocast, the dropout seed, then the op."""
+
+from __future__ import annotations
+
+import math
+import numbers
+
+import torch
+
+from fastlora.ops import LoRALinearFunction
+
+__all__ = ["lora_linear"]
+
+# Seeds are drawn below 2⁶² so that every backend can take them as a signed 64-bit integer.
+_SEED_BOUND = 1 << 62
+
+
+def _describe(t: torch.Tensor) -> str:
+    return f"tensor of shape {tuple(t.shape)}, dtype {t.dtype}, device {t.device}"
+
+
+def _check_tensor(name: str, t: object) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    if not t.is_floating_point():
+        raise TypeError(f"{name}: expected a floating-point tensor, got dtype {t.dtype}")
+    return t
+
+
+def _check_args(x, weight, bias, lora_A, lora_B, scaling, dropout_p) -> None:
+    _check_tensor("x", x)
+    if x.dim() < 1:
+        raise ValueError(f"x: expected at least 1 dimension (..., in_features), got a 0-d tensor")
+    _check_tensor("weight", weight)
+    if weight.dim() != 2:
+        raise ValueError(f"weight: expected 2-D (out_features, in_features), got {_describe(weight)}")
+    out_features, in_features = weight.shape
+    if x.shape[-1] != in_features:
+        raise ValueError(
+            f"x: expected last dimension in_features={in_features} (weight is {tuple(weight.shape)}), "
+            f"got {_describe(x)}"
+        )
+    for name, t in (("weight", weight), ("bias", bias), ("lora_A", lora_A), ("lora_B", lora_B)):
+        if t is not None and isinstance(t, torch.Tensor) and t.device != x.device:
+            raise ValueError(f"{name}: expected device {x.device} (x's), got {_describe(t)}")
+    if weight.dtype != x.dtype:
+        raise TypeError(f"weight: expected dtype {x.dtype} (x's), got {_describe(weight)}")
+    if bias is not None:
+        _check_tensor("bias", bias)
+        if bias.shape != (out_features,):
+            raise ValueError(f"bias: expected shape ({out_features},) or None, got {_describe(bias)}")
+        if bias.dtype != weight.dtype:
+            raise TypeError(f"bias: expected dtype {weight.dtype} (weight's), got {_describe(bias)}")
+    _check_tensor("lora_A", lora_A)
+    if lora_A.dim() != 2 or lora_A.shape[1] != in_features:
+        raise ValueError(f"lora_A: expected 2-D (r, in_features={in_features}), got {_describe(lora_A)}")
+    rank = lora_A.shape[0]
+    if rank < 1:
+        raise ValueError(f"lora_A: expected rank r >= 1 rows, got r = {rank} ({_describe(lora_A)})")
+    _check_tensor("lora_B", lora_B)
+    if lora_B.shape != (out_features, rank):
+        raise ValueError(
+            f"lora_B: expected shape (out_features={out_features}, r={rank}), got {_describe(lora_B)}"
+        )
+    if isinstance(scaling, bool) or not isinstance(scaling, numbers.Real):
+        raise TypeError(f"scaling: expected a real number, got {type(scaling).__name__}")
+    if not math.isfinite(scaling):
+        raise ValueError(f"scaling: expected a finite number, got {scaling}")
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, numbers.Real):
+        raise TypeError(f"dropout_p: expected a real number in [0, 1), got {type(dropout_p).__name__}")
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p: expected a probability in [0, 1), got {dropout_p}")
+
+
+def _draw_seed(device: torch.device, generator: torch.Generator | None) -> torch.Tensor:
+    """A (1,) int64 seed on ``device``, drawn from ``generator`` or from PyTorch's default generator for
+    ``device`` (so ``torch.manual_seed`` reproduces a run). It stays on the device: no host sync."""
+    if generator is None:
+        return torch.randint(_SEED_BOUND, (1,), device=device, dtype=torch.int64)
+    seed = torch.randint(_SEED_BOUND, (1,), device=generator.device, dtype=torch.int64, generator=generator)
+    return seed.to(device)
+
+
+def lora_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    scaling: float,
+    dropout_p: float = 0.0,
+    training: bool = True,
+    *,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """y = x·Wᵀ + b + s·(dropout(x)·Aᵀ)·Bᵀ, fused, with gradients for every input that requires them.
+
+    Args:
+        x: (..., K) input, any leading dimensions, any strides (never copied to change dtype).
+        weight: (N, K) base weight, x's dtype.
+        bias: (N,) base bias in weight's dtype, or None.
+        lora_A: (r, K), r >= 1, any floating dtype (fp32 adapters on a bf16/fp16 base are fine).
+        lora_B: (N, r), any floating dtype.
+        scaling: the scalar s (lora_alpha / r, or lora_alpha / sqrt(r) with rsLoRA), finite.
+        dropout_p: drop probability in [0, 1) for the LoRA input only.
+        training: dropout applies only when True and dropout_p > 0.
+        generator: where the dropout seed comes from; default PyTorch's generator for x's device.
+
+    Returns:
+        (..., N) tensor in x's dtype (under autocast, in the autocast dtype, as ``F.linear``).
+        Gradients come back in each input's own dtype.
+    """
+    _check_args(x, weight, bias, lora_A, lora_B, scaling, dropout_p)
+    p = float(dropout_p) if training else 0.0
+    seed = _draw_seed(x.device, generator) if p > 0.0 else None
+    device_type = x.device.type
+    if torch.is_autocast_enabled(device_type):
+        # Run the base GEMM the way F.linear does under autocast; adapters keep their dtype (the backend
+        # casts those small tensors itself). Inside, autocast is off so no op recasts what we chose.
+        dtype = torch.get_autocast_dtype(device_type)
+        x, weight = x.to(dtype), weight.to(dtype)
+        bias = None if bias is None else bias.to(dtype)
+        with torch.autocast(device_type, enabled=False):
+            return _apply(x, weight, bias, lora_A, lora_B, float(scaling), p, seed)
+    return _apply(x, weight, bias, lora_A, lora_B, float(scaling), p, seed)
+
+
+def _apply(x, weight, bias, lora_A, lora_B, scaling, p, seed):
+    if torch.compiler.is_compiling():
+        return torch.ops.fastlora.lora_linear(x, weight, bias, lora_A, lora_B, scaling, p, seed)[0]
+    return LoRALinearFunction.apply(x, weight, bias, lora_A, lora_B, scaling, p, seed)

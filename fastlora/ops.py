@@ -1,0 +1,131 @@
+"""The LoRA linear as a differentiable op, two ways over the same backend calls.
+
+- ``torch.ops.fastlora.lora_linear`` / ``lora_linear_backward``: ``torch.library`` custom ops with fake
+  (meta) implementations and a registered autograd formula, so ``torch.compile(fullgraph=True)`` traces
+  through them and ``torch.library.opcheck`` passes.
+- ``LoRALinearFunction``: an ``autograd.Function`` for eager calls. It runs the same backend methods
+  without the custom-op dispatcher in between (see ``benchmarks/dispatch_overhead.py`` for what that saves).
+
+``fastlora.functional.lora_linear`` picks the second in eager mode and the first while compiling. Both
+save exactly: x (the caller's tensor, not a copy), S = x̂·Aᵀ (..., r), the seed, and the weights.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from fastlora.backends import resolve_backend
+
+__all__ = ["LoRALinearFunction", "lora_linear_op"]
+
+
+def _forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
+    return resolve_backend(x.device).forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed)
+
+
+def _backward(grad_y, x, weight, lora_A, lora_B, shrink, scaling, dropout_p, seed, needs):
+    return resolve_backend(x.device).backward(
+        grad_y, x, weight, lora_A, lora_B, shrink, scaling, dropout_p, seed, tuple(needs)
+    )
+
+
+# --- custom ops (the path torch.compile sees) -------------------------------------------------------------
+
+
+@torch.library.custom_op("fastlora::lora_linear", mutates_args=())
+def lora_linear_op(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    scaling: float,
+    dropout_p: float,
+    seed: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Returns (y (..., N), S (..., r)); S is what backward needs, not differentiable."""
+    return _forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed)
+
+
+@lora_linear_op.register_fake
+def _(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
+    lead = x.shape[:-1]
+    return x.new_empty((*lead, weight.shape[0])), x.new_empty((*lead, lora_A.shape[0]))
+
+
+@torch.library.custom_op("fastlora::lora_linear_backward", mutates_args=())
+def lora_linear_backward_op(
+    grad_y: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    shrink: torch.Tensor,
+    scaling: float,
+    dropout_p: float,
+    seed: torch.Tensor | None,
+    needs: list[bool],
+) -> list[torch.Tensor]:
+    """Returns [dx, dA, dB, dW, db]; an entry not asked for by ``needs`` is an empty (0,) tensor, since
+    custom ops cannot return None."""
+    grads = _backward(grad_y, x, weight, lora_A, lora_B, shrink, scaling, dropout_p, seed, needs)
+    return [g if g is not None else x.new_empty(0) for g in grads]
+
+
+@lora_linear_backward_op.register_fake
+def _(grad_y, x, weight, lora_A, lora_B, shrink, scaling, dropout_p, seed, needs):
+    shapes = [(x.shape, x.dtype), (lora_A.shape, lora_A.dtype), (lora_B.shape, lora_B.dtype),
+              (weight.shape, weight.dtype), ((weight.shape[0],), weight.dtype)]  # fmt: skip
+    return [x.new_empty(shape, dtype=dtype) if need else x.new_empty(0) for need, (shape, dtype) in zip(needs, shapes)]
+
+
+def _needs(needs_input_grad: tuple[bool, ...]) -> list[bool]:
+    """Inputs are ordered (x, weight, bias, lora_A, lora_B, ...); the backward returns (dx, dA, dB, dW, db)."""
+    x, w, b, a, bb = needs_input_grad[:5]
+    return [x, a, bb, w, b]
+
+
+def _setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
+    x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed = inputs
+    ctx.save_for_backward(x, weight, lora_A, lora_B, output[1], seed)
+    ctx.scaling, ctx.dropout_p = scaling, dropout_p
+    ctx.needs = _needs(ctx.needs_input_grad)
+    ctx.mark_non_differentiable(output[1])
+
+
+def _op_backward(ctx: Any, grad_y: torch.Tensor, _grad_shrink: torch.Tensor | None) -> tuple:
+    x, weight, lora_A, lora_B, shrink, seed = ctx.saved_tensors
+    grads = torch.ops.fastlora.lora_linear_backward(
+        grad_y, x, weight, lora_A, lora_B, shrink, ctx.scaling, ctx.dropout_p, seed, ctx.needs
+    )
+    dx, da, db_, dw, dbias = (g if need else None for g, need in zip(grads, ctx.needs))
+    return dx, dw, dbias, da, db_, None, None, None
+
+
+lora_linear_op.register_autograd(_op_backward, setup_context=_setup_context)
+
+
+# --- eager fast path --------------------------------------------------------------------------------------
+
+
+class LoRALinearFunction(torch.autograd.Function):
+    """Same inputs, saved tensors and gradients as the custom op, without its dispatch overhead."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
+        y, shrink = _forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed)
+        ctx.save_for_backward(x, weight, lora_A, lora_B, shrink, seed)
+        ctx.scaling, ctx.dropout_p = scaling, dropout_p
+        ctx.needs = _needs(ctx.needs_input_grad)
+        return y
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_y):
+        x, weight, lora_A, lora_B, shrink, seed = ctx.saved_tensors
+        dx, da, db_, dw, dbias = _backward(
+            grad_y, x, weight, lora_A, lora_B, shrink, ctx.scaling, ctx.dropout_p, seed, ctx.needs
+        )
+        return dx, dw, dbias, da, db_, None, None, None
