@@ -1,0 +1,151 @@
+"""LoRALinear: a drop-in nn.Linear with a LoRA adapter, initialised and scaled as PEFT does."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import fastlora
+from fastlora.peft_compat import peft_lora_linear
+
+from conftest import FLOOR, rel_err
+
+
+def test_fresh_layer_returns_base_output_exactly(backend):
+    torch.manual_seed(0)
+    layer = fastlora.LoRALinear(33, 17, r=4, lora_alpha=8)
+    x = torch.randn(2, 5, 33)
+    assert torch.equal(layer(x), F.linear(x, layer.weight, layer.bias))
+
+
+def test_from_linear_shares_and_freezes_base():
+    linear = nn.Linear(10, 6)
+    layer = fastlora.LoRALinear.from_linear(linear, r=2)
+    assert layer.weight is linear.weight and layer.bias is linear.bias
+    assert not layer.weight.requires_grad and not layer.bias.requires_grad
+    trainable = {name for name, p in layer.named_parameters() if p.requires_grad}
+    assert trainable == {"lora_A.default", "lora_B.default"}
+    assert (layer.in_features, layer.out_features) == (10, 6)
+
+
+def test_from_linear_without_bias():
+    layer = fastlora.LoRALinear.from_linear(nn.Linear(10, 6, bias=False), r=2)
+    assert layer.bias is None
+    assert layer(torch.randn(3, 10)).shape == (3, 6)
+
+
+def test_initialisation_like_peft():
+    torch.manual_seed(0)
+    layer = fastlora.LoRALinear(400, 300, r=64)
+    a, b = layer.lora_A["default"], layer.lora_B["default"]
+    bound = 1 / math.sqrt(400)  # kaiming_uniform(a=√5): sqrt(6 / ((1 + 5) · fan_in))
+    assert a.abs().max() <= bound
+    assert abs(a.std().item() - bound / math.sqrt(3)) < 0.02 * bound
+    assert torch.equal(b, torch.zeros_like(b))
+
+
+@pytest.mark.parametrize("r,alpha,rslora,want", [(8, 16, False, 2.0), (16, 8, False, 0.5), (16, 8, True, 2.0)])
+def test_scaling(r, alpha, rslora, want):
+    assert fastlora.LoRALinear(8, 8, r=r, lora_alpha=alpha, use_rslora=rslora).scaling == want
+
+
+def test_repr_shows_hyperparameters():
+    text = repr(fastlora.LoRALinear(8, 4, r=3, lora_alpha=6, lora_dropout=0.05, use_rslora=True))
+    for part in ("in_features=8", "out_features=4", "r=3", "lora_alpha=6", "lora_dropout=0.05", "use_rslora=True"):
+        assert part in text
+
+
+@pytest.mark.parametrize("dtype,adapter", [(torch.bfloat16, torch.float32), (torch.float16, torch.float32),
+                                           (torch.float64, torch.float64)])  # fmt: skip
+def test_adapter_dtype(dtype, adapter):
+    layer = fastlora.LoRALinear(8, 4, dtype=dtype)
+    assert layer.weight.dtype == dtype and layer.lora_A["default"].dtype == adapter
+    assert layer(torch.randn(2, 8, dtype=dtype)).dtype == dtype
+
+
+@pytest.mark.parametrize("rslora", [False, True])
+def test_matches_peft_layer(backend, rslora):
+    """Same base, same adapter weights: ours is as close to the float64 truth as PEFT's LoRA Linear, for
+    the output and every gradient (error <= 2x PEFT's own fp32 error + a unit-roundoff floor)."""
+    torch.manual_seed(0)
+    base = nn.Linear(48, 40)
+    theirs = peft_lora_linear(base, r=8, lora_alpha=16, use_rslora=rslora)
+    nn.init.normal_(theirs.lora_B["default"].weight)
+    exact = copy.deepcopy(theirs).double()
+    ours = fastlora.LoRALinear.from_linear(base, r=8, lora_alpha=16, use_rslora=rslora)
+    with torch.no_grad():
+        ours.lora_A["default"].copy_(theirs.lora_A["default"].weight)
+        ours.lora_B["default"].copy_(theirs.lora_B["default"].weight)
+    x = torch.randn(3, 7, 48)
+    g = torch.randn(3, 7, 40)
+
+    def run(layer, a, b, dtype):
+        """Output and the gradients of x, lora_A, lora_B (a and b are the adapter parameters)."""
+        xi = x.to(dtype).requires_grad_()
+        y = layer(xi)
+        y.backward(g.to(dtype))
+        return {"y": y.detach(), "dx": xi.grad, "dA": a.grad, "dB": b.grad}
+
+    def peft_run(layer, dtype):
+        return run(layer, layer.lora_A["default"].weight, layer.lora_B["default"].weight, dtype)
+
+    truth = peft_run(exact, torch.float64)
+    peft = peft_run(theirs, torch.float32)
+    mine = run(ours, ours.lora_A["default"], ours.lora_B["default"], torch.float32)
+    for key, want in truth.items():
+        assert rel_err(mine[key], want) <= 2 * rel_err(peft[key], want) + FLOOR[torch.float32], key
+
+
+def test_eval_disables_dropout(backend):
+    torch.manual_seed(0)
+    layer = fastlora.LoRALinear(16, 8, r=2, lora_dropout=0.5)
+    nn.init.normal_(layer.lora_B["default"])
+    x = torch.randn(4, 16)
+    layer.eval()
+    assert torch.equal(layer(x), layer(x))
+    layer.train()
+    assert not torch.equal(layer(x), layer(x))
+
+
+def test_training_step_reduces_loss(backend):
+    torch.manual_seed(0)
+    layer = fastlora.LoRALinear(20, 5, r=4, lora_alpha=8)
+    target = torch.randn(64, 5)
+    x = torch.randn(64, 20)
+    opt = torch.optim.SGD([p for p in layer.parameters() if p.requires_grad], lr=0.1)
+    losses = []
+    for _ in range(20):
+        loss = F.mse_loss(layer(x), target)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.9 * losses[0]
+    assert layer.weight.grad is None  # the base stayed frozen
+
+
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        ({"r": 0}, r"r: expected an integer rank >= 1, got 0"),
+        ({"r": 2.5}, r"r: expected an integer rank >= 1, got 2.5"),
+        ({"lora_alpha": float("nan")}, r"lora_alpha: expected a finite number, got nan"),
+        ({"lora_dropout": 1.0}, r"lora_dropout: expected a probability in \[0, 1\), got 1.0"),
+        ({"lora_dropout": -0.1}, r"lora_dropout: expected a probability in \[0, 1\), got -0.1"),
+    ],
+)
+def test_bad_hyperparameters(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        fastlora.LoRALinear(8, 4, **kwargs)
+    with pytest.raises(ValueError, match=message):
+        fastlora.LoRALinear.from_linear(nn.Linear(8, 4), **kwargs)
+
+
+def test_from_linear_rejects_other_modules():
+    with pytest.raises(TypeError, match="linear: expected an nn.Linear, got Conv1d"):
+        fastlora.LoRALinear.from_linear(nn.Conv1d(3, 3, 1))

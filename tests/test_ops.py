@@ -1,0 +1,135 @@
+"""The op layer: torch.library registration (opcheck), torch.compile, autocast, and the eager fast path."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch._dynamo
+import torch._dynamo.testing
+import torch._inductor.config
+import torch.nn as nn
+
+import fastlora
+from fastlora import reference
+from fastlora.ops import LoRALinearFunction
+
+from conftest import make_case
+
+
+def _op_args(p, bias=True, train_base=False, lead=(2, 5)):
+    t = make_case(lead, 12, 9, 3, bias=bias, train_base=train_base).tensors(torch.float32, torch.float32)
+    seed = torch.tensor([17]) if p > 0 else None
+    return (t["x"], t["weight"], t["bias"], t["lora_A"], t["lora_B"], 0.5, p, seed)
+
+
+@pytest.mark.parametrize("p", [0.0, 0.3])
+@pytest.mark.parametrize("bias,train_base", [(True, False), (False, False), (True, True)])
+def test_opcheck(backend, p, bias, train_base):
+    torch.library.opcheck(torch.ops.fastlora.lora_linear.default, _op_args(p, bias, train_base))
+
+
+def test_opcheck_empty_batch(backend):
+    torch.library.opcheck(torch.ops.fastlora.lora_linear.default, _op_args(0.0, lead=(0,)))
+
+
+def test_custom_op_matches_eager_function(backend):
+    """The compile path and the eager path run the same backend: identical outputs and gradients."""
+    results = []
+    for use_op in (True, False):
+        args = _op_args(0.3, train_base=True)
+        fn = torch.ops.fastlora.lora_linear if use_op else LoRALinearFunction.apply
+        y = fn(*args)
+        y = y[0] if use_op else y
+        y.backward(torch.ones_like(y))
+        results.append([y] + [a.grad for a in args[:5] if isinstance(a, torch.Tensor) and a.requires_grad])
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+
+
+def test_eager_calls_skip_the_dispatcher(backend):
+    t = make_case((4,), 6, 5, 2).tensors(torch.float32, torch.float32)
+    y = fastlora.lora_linear(t["x"], t["weight"], t["bias"], t["lora_A"], t["lora_B"], 1.0)
+    assert type(y.grad_fn).__name__ == "LoRALinearFunctionBackward"
+
+
+def _model(dropout):
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        fastlora.LoRALinear(24, 40, r=4, lora_dropout=dropout),
+        nn.GELU(),
+        fastlora.LoRALinear(40, 16, r=8, lora_alpha=16, lora_dropout=dropout, bias=False),
+    )
+    for layer in (model[0], model[2]):
+        nn.init.normal_(layer.lora_B["default"])  # non-zero, so the adapter path shows in the output
+    return model
+
+
+@pytest.mark.parametrize("compile_backend", ["aot_eager", "inductor"])
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_compile_fullgraph_one_frame_no_recompiles(backend, compile_backend, dropout):
+    torch._dynamo.reset()
+    model = _model(dropout)
+    counter = torch._dynamo.testing.CompileCounterWithBackend(compile_backend)
+    compiled = torch.compile(model, backend=counter, fullgraph=True)
+    # Inductor draws random numbers (here: the dropout seed) with its own generator unless told to fall
+    # back to eager's; falling back lets the compiled model be compared with the eager one.
+    with torch._dynamo.config.patch(error_on_recompile=True), torch._inductor.config.patch(fallback_random=True):
+        for step in range(3):
+            x = torch.randn(3, 7, 24, requires_grad=True)
+            torch.manual_seed(step)
+            y = compiled(x)
+            y.sum().backward()
+            grads = [x.grad] + [p.grad.clone() for p in model.parameters() if p.requires_grad]
+            model.zero_grad()
+            x.grad = None
+            torch.manual_seed(step)
+            y_eager = model(x)
+            y_eager.sum().backward()
+            grads_eager = [x.grad] + [p.grad for p in model.parameters() if p.requires_grad]
+            # Inductor re-fuses the GELU and its backward around the op, reordering fp32 arithmetic
+            # there: a few ulps of difference that accumulate through the second layer's dX.
+            torch.testing.assert_close(y, y_eager, rtol=1e-4, atol=1e-5)
+            for g, ge in zip(grads, grads_eager):
+                torch.testing.assert_close(g, ge, rtol=1e-4, atol=1e-5)
+            model.zero_grad()
+    assert counter.frame_count == 1
+
+
+def test_compiled_graph_calls_the_custom_op(backend):
+    torch._dynamo.reset()
+    graphs = []
+
+    def capture(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    compiled = torch.compile(_model(0.0), backend=capture, fullgraph=True)
+    compiled(torch.randn(5, 24))
+    assert "fastlora.lora_linear" in graphs[0].code
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_autocast(backend, dtype):
+    """Under autocast the base runs in the autocast dtype like F.linear; fp32 adapters stay fp32 and get
+    fp32 gradients; x keeps its fp32 gradient."""
+    case = make_case((2, 9), 32, 20, 4)
+    t = case.tensors(torch.float32, torch.float32)
+    with torch.autocast("cpu", dtype=dtype):
+        y = fastlora.lora_linear(t["x"], t["weight"], t["bias"], t["lora_A"], t["lora_B"], case.scaling)
+    assert y.dtype == dtype
+    y.float().sum().backward()
+    assert t["x"].grad.dtype == t["lora_A"].grad.dtype == t["lora_B"].grad.dtype == torch.float32
+    low = case.tensors(dtype, dtype)
+    want = reference.lora_linear(low["x"], low["weight"], low["bias"], low["lora_A"], low["lora_B"], case.scaling)
+    truth = reference.lora_linear(*case.tensors(torch.float64, torch.float64).values(), case.scaling)
+    err = ((y.double() - truth).abs().max() / truth.abs().max()).item()
+    err_ref = ((want.double() - truth).abs().max() / truth.abs().max()).item()
+    assert err <= 2 * err_ref + 2.0**-8
+
+
+def test_double_backward_raises(backend):
+    t = make_case((3,), 4, 5, 2).tensors(torch.float64, torch.float64)
+    y = fastlora.lora_linear(t["x"], t["weight"], t["bias"], t["lora_A"], t["lora_B"], 1.0)
+    (gx,) = torch.autograd.grad(y.sum(), t["x"], create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable|does not require grad"):
+        gx.sum().backward()
