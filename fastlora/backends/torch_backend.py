@@ -33,10 +33,15 @@ class TorchBackend:
         Args:
             seed: (1,) int64 tensor.
         """
+        return self._keep(seed, shape, dropout_p, device, torch.bool)
+
+    def _keep(self, seed, shape, dropout_p, device, dtype) -> torch.Tensor:
+        """The keep-mask as 0/1 in ``dtype``: compared straight into x's dtype, so multiplying by it needs
+        no bool-to-float conversion pass."""
         gen = torch.Generator(device=device)
         gen.manual_seed(int(seed.item()))
         bits = torch.empty(shape, dtype=torch.int32, device=device).random_(generator=gen)  # [0, 2³¹)
-        return bits >= round(dropout_p * (1 << _MASK_BITS))
+        return torch.ge(bits, round(dropout_p * (1 << _MASK_BITS)), out=torch.empty(shape, dtype=dtype, device=device))
 
     def forward(
         self,
@@ -60,8 +65,9 @@ class TorchBackend:
         a = lora_A.to(x.dtype)
         b = lora_B.to(x.dtype)
         if dropout_p > 0.0:
-            keep = self.keep_mask(seed, x2.shape, dropout_p, x.device)
-            shrink = torch.mm(x2 * keep, a.t()).mul_(1.0 / (1.0 - dropout_p))
+            x_hat = self._keep(seed, x2.shape, dropout_p, x.device, x.dtype).mul_(x2)  # x ⊙ m, (M, K)
+            shrink = torch.mm(x_hat, a.t()).mul_(1.0 / (1.0 - dropout_p))
+            del x_hat
         else:
             shrink = torch.mm(x2, a.t())
         scaled = shrink * scaling  # (M, r): scaling here costs M·r, on the product it would cost M·N
@@ -102,7 +108,7 @@ class TorchBackend:
 
         keep = None
         if dropout_p > 0.0:
-            keep = self.keep_mask(seed, x2.shape, dropout_p, x.device)
+            keep = self._keep(seed, x2.shape, dropout_p, x.device, x.dtype)
             d_shrink.mul_(1.0 / (1.0 - dropout_p))  # fold 1/(1-p) into the small factor
 
         grad_x = None
@@ -115,7 +121,7 @@ class TorchBackend:
 
         grad_a = None
         if need_a:
-            x_hat = x2 if keep is None else x2 * keep
+            x_hat = x2 if keep is None else keep.mul_(x2)  # the mask's last use: overwrite it with x ⊙ m
             grad_a = torch.mm(d_shrink.t(), x_hat).to(lora_A.dtype)
 
         grad_w = torch.mm(g.t(), x2) if need_w else None
