@@ -22,11 +22,11 @@ __all__ = ["LoRALinearFunction", "lora_linear_op"]
 
 
 def _forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
-    return resolve_backend(x.device).forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed)
+    return resolve_backend(x.device, x.dtype).forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed)
 
 
 def _backward(grad_y, x, weight, lora_A, lora_B, shrink, scaling, dropout_p, seed, needs):
-    return resolve_backend(x.device).backward(
+    return resolve_backend(x.device, x.dtype).backward(
         grad_y, x, weight, lora_A, lora_B, shrink, scaling, dropout_p, seed, tuple(needs)
     )
 

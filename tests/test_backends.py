@@ -18,7 +18,7 @@ CPU = torch.device("cpu")
 class _Unavailable:
     name = "broken"
 
-    def unavailable_reason(self, device):
+    def unavailable_reason(self, device, dtype=None):
         return "it needs a device this machine lacks"
 
 
@@ -86,7 +86,7 @@ def test_auto_falls_back_quietly(broken_backend, recwarn):
 
 def test_explicit_backend_that_cannot_run_raises(broken_backend):
     with fastlora.use_backend("broken"):
-        with pytest.raises(RuntimeError, match=r"backend 'broken' was requested but cannot run on cpu: it needs a device"):
+        with pytest.raises(RuntimeError, match=r"backend 'broken' was requested but cannot run on cpu with torch.float32 inputs: it needs a device"):
             _call()
 
 
@@ -105,3 +105,30 @@ def test_info_command():
     assert report["devices"][0]["runs"] == "torch"
     text = subprocess.run([sys.executable, "-m", "fastlora", "info"], capture_output=True, text=True, check=True).stdout
     assert "cpu" in text and "torch    available" in text
+
+
+def test_triton_backend_says_where_it_runs(monkeypatch):
+    pytest.importorskip("triton")
+    from fastlora.backends.triton_backend import BACKEND
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    assert "TRITON_INTERPRET=1" in BACKEND.unavailable_reason(CPU)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert BACKEND.unavailable_reason(CPU) is None
+    assert "not torch.float64" in BACKEND.unavailable_reason(CPU, torch.float64)
+    assert "no Triton kernels for meta" in BACKEND.unavailable_reason(torch.device("meta"))
+
+
+def test_auto_never_picks_the_interpreter_on_cpu(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    with fastlora.use_backend("auto"):
+        assert backends.resolve_backend(CPU, torch.float32).name == "torch"
+
+
+def test_explicit_triton_refuses_float64(monkeypatch):
+    pytest.importorskip("triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    x = torch.randn(2, 4, dtype=torch.float64)
+    with fastlora.use_backend("triton"):
+        with pytest.raises(RuntimeError, match=r"'triton' was requested but cannot run on cpu with torch.float64 inputs"):
+            fastlora.lora_linear(x, torch.randn(3, 4, dtype=torch.float64), None, torch.randn(1, 4), torch.randn(3, 1), 1.0)

@@ -8,7 +8,7 @@ import torch
 import fastlora
 from fastlora import reference
 
-from conftest import check_case, make_case, run
+from conftest import check_case, check_finite_differences, make_case, run, skip_if_unsupported
 
 # (leading dims, K, N, r): odd sizes that are not multiples of any block size, ranks 1..64.
 SHAPES = [
@@ -76,9 +76,22 @@ def test_eval_mode_ignores_dropout(backend):
 
 
 def test_float64_gradcheck(backend):
+    skip_if_unsupported(backend, torch.float64)
     t = make_case((2, 5), 7, 6, 3, train_base=True).tensors(torch.float64, torch.float64)
     inputs = (t["x"], t["weight"], t["bias"], t["lora_A"], t["lora_B"])
     assert torch.autograd.gradcheck(lambda *a: fastlora.lora_linear(*a, 0.7), inputs)
+
+
+@pytest.mark.parametrize("dropout_p", [0.0, 0.3])
+def test_finite_differences_fp32(backend, dropout_p):
+    """Every gradient (x, W, b, A, B) against central differences in fp32, under a fixed dropout seed."""
+    case = make_case((3, 7), 26, 19, 5, dropout_p=dropout_p, train_base=True)
+
+    def fn(**t):
+        return fastlora.lora_linear(**t, scaling=case.scaling, dropout_p=dropout_p,
+                                    generator=torch.Generator().manual_seed(11))  # fmt: skip
+
+    check_finite_differences(fn, case.tensors(torch.float32, torch.float32), torch.randn(3, 7, 19))
 
 
 @pytest.mark.parametrize("value", [float("nan"), float("inf")])

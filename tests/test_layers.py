@@ -16,11 +16,18 @@ from fastlora.peft_compat import peft_lora_linear
 from conftest import FLOOR, rel_err
 
 
-def test_fresh_layer_returns_base_output_exactly(backend):
+def test_fresh_layer_returns_base_output(backend):
+    """B = 0: the adapter adds exactly nothing. The torch backend's base GEMM is F.linear's, so the output
+    is bitwise F.linear's; the Triton GEMM sums in another order, so it is held to the float64 bar."""
     torch.manual_seed(0)
     layer = fastlora.LoRALinear(33, 17, r=4, lora_alpha=8)
     x = torch.randn(2, 5, 33)
-    assert torch.equal(layer(x), F.linear(x, layer.weight, layer.bias))
+    base = F.linear(x, layer.weight, layer.bias)
+    if backend == "torch":
+        assert torch.equal(layer(x), base)
+    else:
+        truth = F.linear(x.double(), layer.weight.double(), layer.bias.double())
+        assert rel_err(layer(x), truth) <= 2 * rel_err(base, truth) + FLOOR[torch.float32]
 
 
 def test_from_linear_shares_and_freezes_base():

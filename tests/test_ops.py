@@ -13,7 +13,7 @@ import fastlora
 from fastlora import reference
 from fastlora.ops import LoRALinearFunction
 
-from conftest import make_case
+from conftest import make_case, skip_if_unsupported
 
 
 def _op_args(p, bias=True, train_base=False, lead=(2, 5)):
@@ -112,6 +112,7 @@ def test_compiled_graph_calls_the_custom_op(backend):
 def test_autocast(backend, dtype):
     """Under autocast the base runs in the autocast dtype like F.linear; fp32 adapters stay fp32 and get
     fp32 gradients; x keeps its fp32 gradient."""
+    skip_if_unsupported(backend, dtype)
     case = make_case((2, 9), 32, 20, 4)
     t = case.tensors(torch.float32, torch.float32)
     with torch.autocast("cpu", dtype=dtype):
@@ -128,7 +129,7 @@ def test_autocast(backend, dtype):
 
 
 def test_double_backward_raises(backend):
-    t = make_case((3,), 4, 5, 2).tensors(torch.float64, torch.float64)
+    t = make_case((3,), 4, 5, 2).tensors(torch.float32, torch.float32)
     y = fastlora.lora_linear(t["x"], t["weight"], t["bias"], t["lora_A"], t["lora_B"], 1.0)
     (gx,) = torch.autograd.grad(y.sum(), t["x"], create_graph=True)
     with pytest.raises(RuntimeError, match="once_differentiable|does not require grad"):

@@ -3,7 +3,8 @@
 A backend is a module in this package exposing ``BACKEND``, an object with:
 
 - ``name``: its registry name;
-- ``unavailable_reason(device) -> str | None``: None when it can run on ``device``, else why not;
+- ``unavailable_reason(device, dtype=None) -> str | None``: None when it can run on ``device`` (with inputs
+  of ``dtype``, when given), else why not;
 - ``forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed) -> (y, shrink)``;
 - ``backward(grad_y, x, weight, lora_A, lora_B, shrink, scaling, dropout_p, seed, needs) -> grads``;
 - ``keep_mask(seed, shape, dropout_p, device) -> BoolTensor``: the dropout keep-mask ``forward`` used,
@@ -42,11 +43,12 @@ ENV_VAR = "FASTLORA_BACKEND"
 # dependency (triton, the CUDA extension) never costs anything at `import fastlora`.
 _MODULES: dict[str, str] = {
     "torch": "fastlora.backends.torch_backend",
+    "triton": "fastlora.backends.triton_backend",
 }
 BACKEND_NAMES: tuple[str, ...] = tuple(_MODULES)
 
 # What "auto" tries, fastest first, per device type. The torch backend runs everywhere and ends each list.
-_AUTO_ORDER: dict[str, tuple[str, ...]] = {}
+_AUTO_ORDER: dict[str, tuple[str, ...]] = {"cuda": ("triton",)}
 _AUTO_FALLBACK: tuple[str, ...] = ("torch",)
 
 _selected: str | None = None
@@ -102,16 +104,16 @@ def get_backend(name: str) -> Any:
     return backend
 
 
-def _reason(name: str, device: torch.device) -> str | None:
+def _reason(name: str, device: torch.device, dtype: torch.dtype | None = None) -> str | None:
     try:
         backend = get_backend(name)
     except ImportError as err:  # an optional dependency is missing or broken
         return f"cannot import: {err}"
-    return backend.unavailable_reason(device)
+    return backend.unavailable_reason(device, dtype)
 
 
-def resolve_backend(device: torch.device) -> Any:
-    """The backend that runs now for tensors on ``device``.
+def resolve_backend(device: torch.device, dtype: torch.dtype | None = None) -> Any:
+    """The backend that runs now for tensors on ``device`` (of ``dtype``, when given).
 
     "auto" takes the first available backend in its preference order for the device type, quietly. A
     backend asked for by name that cannot run on ``device`` raises RuntimeError saying why.
@@ -119,12 +121,13 @@ def resolve_backend(device: torch.device) -> Any:
     name = selected_backend_name()
     if name == AUTO:
         for candidate in _AUTO_ORDER.get(device.type, ()) + _AUTO_FALLBACK:
-            if _reason(candidate, device) is None:
+            if _reason(candidate, device, dtype) is None:
                 return get_backend(candidate)
         raise RuntimeError(f"fastlora: no backend can run on {device}")  # unreachable: torch runs anywhere
-    reason = _reason(name, device)
+    reason = _reason(name, device, dtype)
     if reason is not None:
-        raise RuntimeError(f"fastlora backend {name!r} was requested but cannot run on {device}: {reason}")
+        where = f"{device}" if dtype is None else f"{device} with {dtype} inputs"
+        raise RuntimeError(f"fastlora backend {name!r} was requested but cannot run on {where}: {reason}")
     return get_backend(name)
 
 

@@ -24,7 +24,7 @@ _MASK_BITS = 31
 class TorchBackend:
     name = "torch"
 
-    def unavailable_reason(self, device: torch.device) -> str | None:
+    def unavailable_reason(self, device: torch.device, dtype: torch.dtype | None = None) -> str | None:
         return None  # plain PyTorch ops run wherever tensors live
 
     def keep_mask(self, seed: torch.Tensor, shape: tuple[int, ...], dropout_p: float, device: torch.device) -> torch.Tensor:

@@ -1,0 +1,71 @@
+"""The "triton" backend: the fused kernels of ``fastlora/kernels``.
+
+Forward:  S = shrink(x, A)                 one pass over x, mask made in registers
+          Y = x·Wᵀ + b + s·S·Bᵀ            one GEMM, the rank-r term in its accumulator
+Backward: dS, dB = expand_bwd(G, B, S)      one pass over G
+          dX = G·W + (dS·A) ⊙ m/(1 − p)     one GEMM, the masked rank-r term in its accumulator
+          dA = dSᵀ·x̂                        one pass over x, mask regenerated
+          dW = Gᵀ·x, db = Σ G               only for full fine-tuning, with PyTorch's GEMM
+
+Runs on CUDA GPUs of compute capability 8.0 or newer (bf16 tensor cores), and on the CPU only through the
+Triton interpreter (TRITON_INTERPRET=1), which is how CI checks its numerics.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fastlora.kernels._launch import interpreting
+from fastlora.kernels.dropout import dropout_mask
+from fastlora.kernels.lora_expand import lora_expand_bwd
+from fastlora.kernels.lora_linear import lora_linear_bwd, lora_linear_fwd
+from fastlora.kernels.lora_shrink import lora_shrink_bwd, lora_shrink_fwd
+
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+class TritonBackend:
+    name = "triton"
+
+    def unavailable_reason(self, device: torch.device, dtype: torch.dtype | None = None) -> str | None:
+        if dtype is not None and dtype not in _DTYPES:
+            return f"kernels take float16, bfloat16 and float32 inputs, not {dtype}"
+        if device.type == "cpu":
+            return None if interpreting() else "CPU tensors run only under the Triton interpreter (TRITON_INTERPRET=1)"
+        if device.type != "cuda":
+            return f"no Triton kernels for {device.type} devices"
+        if interpreting():
+            return "TRITON_INTERPRET=1 is set: the interpreter runs CPU tensors only"
+        if torch.version.hip is None and torch.cuda.get_device_capability(device) < (8, 0):
+            return f"needs compute capability 8.0 or newer, {torch.cuda.get_device_name(device)} has " + ".".join(
+                map(str, torch.cuda.get_device_capability(device))
+            )
+        return None
+
+    def keep_mask(self, seed: torch.Tensor, shape: tuple[int, ...], dropout_p: float, device: torch.device) -> torch.Tensor:
+        return dropout_mask(seed, shape, dropout_p, device)
+
+    def forward(self, x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
+        """Shapes: x (..., K), weight (N, K), bias (N,), lora_A (r, K), lora_B (N, r).
+        Returns y (..., N) and S (..., r), both in x's dtype."""
+        lead, k = x.shape[:-1], x.shape[-1]
+        x2 = x.reshape(-1, k)  # a view whenever x's layout allows one (strides go to the kernels)
+        shrink = lora_shrink_fwd(x2, lora_A, dropout_p, seed)
+        y = lora_linear_fwd(x2, weight, bias, shrink, lora_B, scaling)
+        return y.view(*lead, weight.shape[0]), shrink.view(*lead, lora_A.shape[0])
+
+    def backward(self, grad_y, x, weight, lora_A, lora_B, shrink, scaling, dropout_p, seed, needs):
+        """Gradients (dx, dA, dB, dW, db), None where ``needs`` says not wanted."""
+        need_x, need_a, need_b, need_w, need_bias = needs
+        k, n, r = x.shape[-1], weight.shape[0], lora_A.shape[0]
+        g = grad_y.reshape(-1, n)
+        x2 = x.reshape(-1, k)
+        d_shrink, grad_b = lora_expand_bwd(g, lora_B, shrink.reshape(-1, r), scaling)
+        grad_x = lora_linear_bwd(g, weight, d_shrink, lora_A, dropout_p, seed).view(x.shape) if need_x else None
+        grad_a = lora_shrink_bwd(x2, d_shrink, lora_A, dropout_p, seed) if need_a else None
+        grad_w = torch.mm(g.t(), x2) if need_w else None
+        grad_bias = g.sum(0) if need_bias else None
+        return grad_x, grad_a, grad_b if need_b else None, grad_w, grad_bias
+
+
+BACKEND = TritonBackend()

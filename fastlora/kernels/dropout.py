@@ -1,0 +1,59 @@
+"""The dropout keep-mask, regenerated in registers wherever a kernel needs x̂ = x ⊙ m / (1 − p).
+
+Element (i, j) of x (M × K) is kept when its 32-bit Philox draw is >= round(p · 2³²). One Philox call gives
+four 32-bit outputs, so counter i·⌈K/4⌉ + ⌊j/4⌋ serves columns 4⌊j/4⌋ … 4⌊j/4⌋ + 3 (lane j mod 4): a quarter
+of the Philox work and of its live registers per element, compared with one call per element. The mask is a
+pure function of (seed, i, j, p): the same in every kernel, independent of x's strides, never stored.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from fastlora.kernels._launch import interpreting
+
+__all__ = ["keep_threshold", "dropout_mask"]
+
+
+def keep_threshold(dropout_p: float) -> int:
+    """The integer a 32-bit random draw must reach for its element to be kept."""
+    return round(dropout_p * (1 << 32))
+
+
+@triton.jit
+def keep(seed, rows, col0, K, threshold, BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr):
+    """Boolean keep-mask (BLOCK_ROWS × BLOCK_COLS) for int64 row indices ``rows`` and the columns
+    col0 … col0 + BLOCK_COLS − 1 of an x with K columns. col0 and BLOCK_COLS must be multiples of 4."""
+    counters = rows[:, None] * ((K + 3) // 4) + (col0 // 4 + tl.arange(0, BLOCK_COLS // 4))[None, :]
+    r0, r1, r2, r3 = tl.randint4x(seed, counters)
+    lanes = tl.join(tl.join(r0, r1), tl.join(r2, r3))  # (rows, cols/4, 2, 2): lane 2a + b last
+    draws = tl.reshape(lanes, (BLOCK_ROWS, BLOCK_COLS))
+    return draws.to(tl.int64) >= threshold
+
+
+@triton.jit
+def _dropout_mask_fwd_kernel(out_ptr, seed_ptr, M, K, threshold, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    col0 = tl.program_id(1) * BLOCK_K
+    rk = col0 + tl.arange(0, BLOCK_K)
+    rm64 = rm.to(tl.int64)
+    kept = keep(tl.load(seed_ptr), rm64, col0, K, threshold, BLOCK_M, BLOCK_K)
+    tl.store(out_ptr + rm64[:, None] * K + rk[None, :], kept.to(tl.int8), mask=(rm[:, None] < M) & (rk[None, :] < K))
+
+
+def dropout_mask(seed: torch.Tensor, shape: tuple[int, ...], dropout_p: float, device: torch.device) -> torch.Tensor:
+    """The keep-mask the kernels use for an x of ``shape`` (flattened to (M, K) row-major), as a bool tensor.
+
+    Args:
+        seed: (1,) int64 tensor on ``device``.
+    """
+    out = torch.empty(shape, dtype=torch.int8, device=device)
+    k = shape[-1] if len(shape) else 1
+    m = out.numel() // k if k else 0
+    if out.numel():
+        block_m, block_k = (64, 128) if not interpreting() else (256, 64)  # the interpreter: few, big programs
+        grid = (triton.cdiv(m, block_m), triton.cdiv(k, block_k))
+        _dropout_mask_fwd_kernel[grid](out, seed, m, k, keep_threshold(dropout_p), BLOCK_M=block_m, BLOCK_K=block_k)
+    return out.bool()

@@ -1,0 +1,128 @@
+"""The backward of the expand s·S·Bᵀ: dS = s·G·B and dB = s·Gᵀ·S, reading G once.
+
+G (M × N) is the largest tensor of the backward after x, so both rank-r products come out of one pass
+over it. Program (i, j) owns the row block i and the column range j of G:
+
+- dS for its rows accumulates in registers over its columns, then goes to ``d_shrink_partial[j]``;
+- dB for each column block of its range goes to ``d_b_partial[i]``.
+
+The launcher sums the partials in a fixed order (no atomics: bitwise-reproducible). The dB partials
+cost 4·R/BLOCK_M bytes per byte of G (0.25 at r = 16 with 256-row blocks); BLOCK_M grows as far as the
+rank's registers allow.
+
+Shapes: G (M, N), B (N, R), S (M, R); returns dS (M, R) fp32 and dB (N, R) in B's dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from fastlora.kernels._launch import Tunable, dot_precision, interpreting, rank_block
+
+__all__ = ["lora_expand_bwd"]
+
+
+@triton.jit
+def _lora_expand_bwd_kernel(
+    g_ptr, b_ptr, s_ptr, ds_ptr, db_ptr,
+    M, N, R, cols_per_split,
+    stride_gm, stride_gn, stride_bn, stride_br, stride_sm, stride_sr,
+    stride_dss, stride_dsm, stride_dsr, stride_dbs, stride_dbn, stride_dbr,
+    DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+):  # fmt: skip
+    pid_m = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rr = tl.arange(0, BLOCK_R)
+    rm64 = rm.to(tl.int64)
+    row_ok = rm < M
+    dtype = g_ptr.dtype.element_ty
+    s = tl.load(s_ptr + rm64[:, None] * stride_sm + rr[None, :] * stride_sr,
+                mask=row_ok[:, None] & (rr[None, :] < R), other=0.0).to(dtype)  # fmt: skip
+    d_shrink = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    n_start = pid_s * cols_per_split
+    n_end = tl.minimum(n_start + cols_per_split, N)
+    for n0 in range(n_start, n_end, BLOCK_N):
+        rn = n0 + tl.arange(0, BLOCK_N)
+        rn64 = rn.to(tl.int64)
+        col_ok = rn < n_end
+        g = tl.load(g_ptr + rm64[:, None] * stride_gm + rn64[None, :] * stride_gn,
+                    mask=row_ok[:, None] & col_ok[None, :], other=0.0)  # fmt: skip
+        b = tl.load(b_ptr + rn64[:, None] * stride_bn + rr[None, :] * stride_br,
+                    mask=col_ok[:, None] & (rr[None, :] < R), other=0.0)  # fmt: skip
+        d_shrink = tl.dot(g, b.to(dtype), d_shrink, input_precision=DOT_PRECISION)
+        d_b = tl.dot(tl.trans(g), s, input_precision=DOT_PRECISION)  # (BLOCK_N, BLOCK_R)
+        tl.store(db_ptr + pid_m * stride_dbs + rn64[:, None] * stride_dbn + rr[None, :] * stride_dbr, d_b,
+                 mask=col_ok[:, None] & (rr[None, :] < R))  # fmt: skip
+    tl.store(ds_ptr + pid_s * stride_dss + rm64[:, None] * stride_dsm + rr[None, :] * stride_dsr, d_shrink,
+             mask=row_ok[:, None] & (rr[None, :] < R))  # fmt: skip
+
+
+def _cfg(bn, warps, stages):
+    return triton.Config({"BLOCK_N": bn}, num_warps=warps, num_stages=stages)
+
+
+def _configs(flags: dict, arch: int, itemsize: int) -> list[triton.Config]:
+    """8 warps throughout: the row block is tall (up to 256 rows) and G's tile is read twice, once
+    transposed. Wider ranks keep S, B and the dB partial (each BLOCK_R wide) live: narrower G tiles."""
+    if flags["BLOCK_R"] <= 32 and arch >= 90 and itemsize <= 2:  # else no room for the wider G tile
+        return [_cfg(32, 8, 3), _cfg(64, 8, 3), _cfg(32, 8, 4)]
+    if flags["BLOCK_R"] <= 64:
+        return [_cfg(32, 8, 3), _cfg(32, 8, 4)]
+    return [_cfg(16, 8, 2)]
+
+
+_BWD = Tunable(_lora_expand_bwd_kernel, _configs, key=["M", "N", "R"], interpreter_config=_cfg(32, 1, 1))
+
+
+def _block_m(block_r: int) -> int:
+    """Row block: as tall as a (BLOCK_M × BLOCK_R) fp32 accumulator of 8192 values allows (32 registers a
+    thread at 8 warps), since the dB partials cost 4·R/BLOCK_M of G's traffic. Fixed per rank rather than
+    autotuned, because the partials' buffer is sized by it before the launch."""
+    return max(32, min(256, 8192 // block_r))
+
+
+# Column splits per row block: the second grid axis, so that short M still fills the GPU.
+_TARGET_PROGRAMS_PER_SM = 2
+
+
+def _col_splits(row_programs: int, n: int, device: torch.device) -> int:
+    if device.type != "cuda":
+        return 1 if n <= 64 else 2  # two splits under the interpreter, so tests cover the partial sums
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    return max(1, min(triton.cdiv(_TARGET_PROGRAMS_PER_SM * sms, row_programs), triton.cdiv(n, 256)))
+
+
+def lora_expand_bwd(grad_y: torch.Tensor, lora_B: torch.Tensor, shrink: torch.Tensor,
+                    scaling: float) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """dS = s·G·B (M, R) fp32 and dB = s·Gᵀ·S (N, R) in lora_B's dtype.
+
+    Args:
+        grad_y: (M, N) G, any strides, x's dtype.
+        lora_B: (N, R), any floating dtype (cast to G's dtype in registers).
+        shrink: (M, R) S, G's dtype.
+    """
+    m, n = grad_y.shape
+    r = lora_B.shape[1]
+    if m == 0:
+        return torch.zeros((0, r), device=grad_y.device, dtype=torch.float32), torch.zeros_like(lora_B)
+    block_r = rank_block(r)
+    block_m = 16 if interpreting() else _block_m(block_r)
+    splits = _col_splits(triton.cdiv(m, block_m), n, grad_y.device)
+    cols_per_split = triton.cdiv(n, splits)
+    ds_partial = torch.empty((splits, m, r), device=grad_y.device, dtype=torch.float32)
+    db_partial = torch.empty((triton.cdiv(m, block_m), n, r), device=grad_y.device, dtype=torch.float32)
+    _BWD.launch(
+        lambda meta: (triton.cdiv(m, block_m), splits),
+        grad_y, lora_B, shrink, ds_partial, db_partial,
+        m, n, r, cols_per_split,
+        grad_y.stride(0), grad_y.stride(1), lora_B.stride(0), lora_B.stride(1), shrink.stride(0), shrink.stride(1),
+        ds_partial.stride(0), ds_partial.stride(1), ds_partial.stride(2),
+        db_partial.stride(0), db_partial.stride(1), db_partial.stride(2),
+        DOT_PRECISION=dot_precision(grad_y.dtype), BLOCK_M=block_m, BLOCK_R=block_r,
+    )  # fmt: skip
+    d_shrink = ds_partial.sum(0).mul_(scaling)
+    d_b = db_partial.sum(0).mul_(scaling).to(lora_B.dtype)
+    return d_shrink, d_b
