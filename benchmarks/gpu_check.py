@@ -148,6 +148,9 @@ def _competitors(k: int, n: int, rank: int, p: float, dtype, device, backends: l
         from fastlora.peft_compat import peft_lora_linear
 
         peft = peft_lora_linear(base, r=rank, lora_alpha=2 * rank, lora_dropout=p).to(device)
+        # get_peft_model keeps adapters in fp32 on a half-precision model (autocast_adapter_dtype=True).
+        peft.lora_A.float()
+        peft.lora_B.float()
         with torch.no_grad():
             peft.lora_A["default"].weight.copy_(a)
             peft.lora_B["default"].weight.copy_(b)

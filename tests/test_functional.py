@@ -28,7 +28,7 @@ def test_matches_float64(backend, shape, dtype):
     check_case(make_case(lead, k, n, r), dtype, backend_name=backend)
 
 
-@pytest.mark.parametrize("rank", [1, 2, 3, 7, 16, 31, 64])
+@pytest.mark.parametrize("rank", [1, 2, 3, 7, 16, 31, 64, 300])
 def test_ranks(backend, rank):
     check_case(make_case((19,), 70, 45, rank, scaling=2.0), torch.float32, backend_name=backend)
 

@@ -1,7 +1,8 @@
 """The backward of the expand s·S·Bᵀ: dS = s·G·B and dB = s·Gᵀ·S, reading G once.
 
 G (M × N) is the largest tensor of the backward after x, so both rank-r products come out of one pass
-over it. Program (i, j) owns the row block i and the column range j of G:
+over it (ranks over 256 take one pass per 256). Program (i, j) owns the row block i and the column range
+j of G:
 
 - dS for its rows accumulates in registers over its columns, then goes to ``d_shrink_partial[j]``;
 - dB for each column block of its range goes to ``d_b_partial[i]``.
@@ -35,7 +36,7 @@ def _lora_expand_bwd_kernel(
     pid_m = tl.program_id(0)
     pid_s = tl.program_id(1)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    rr = tl.arange(0, BLOCK_R)
+    rr = tl.program_id(2) * BLOCK_R + tl.arange(0, BLOCK_R)  # ranks past 256 take more programs
     rm64 = rm.to(tl.int64)
     row_ok = rm < M
     dtype = g_ptr.dtype.element_ty
@@ -115,7 +116,7 @@ def lora_expand_bwd(grad_y: torch.Tensor, lora_B: torch.Tensor, shrink: torch.Te
     ds_partial = torch.empty((splits, m, r), device=grad_y.device, dtype=torch.float32)
     db_partial = torch.empty((triton.cdiv(m, block_m), n, r), device=grad_y.device, dtype=torch.float32)
     _BWD.launch(
-        lambda meta: (triton.cdiv(m, block_m), splits),
+        lambda meta: (triton.cdiv(m, block_m), splits, triton.cdiv(r, block_r)),
         grad_y, lora_B, shrink, ds_partial, db_partial,
         m, n, r, cols_per_split,
         grad_y.stride(0), grad_y.stride(1), lora_B.stride(0), lora_B.stride(1), shrink.stride(0), shrink.stride(1),

@@ -60,14 +60,15 @@ def _lora_shrink_bwd_kernel(
     DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
 ):  # fmt: skip
-    """Program (j, s): columns [j·BLOCK_K, +BLOCK_K) of dA, summed over the rows of split s only.
+    """Program (j, s, c): columns [j·BLOCK_K, +BLOCK_K) and rank rows [c·BLOCK_R, +BLOCK_R) of dA, summed
+    over the rows of split s only.
 
     Splitting M gives enough programs to fill the GPU when K is small; the launcher sums the splits in a
     fixed order afterwards, so the result is deterministic (no atomics)."""
     pid_k = tl.program_id(0)
     pid_s = tl.program_id(1)
     rk = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
-    rr = tl.arange(0, BLOCK_R)
+    rr = tl.program_id(2) * BLOCK_R + tl.arange(0, BLOCK_R)
     dtype = x_ptr.dtype.element_ty
     if DROPOUT:
         seed = tl.load(seed_ptr)
@@ -179,7 +180,7 @@ def lora_shrink_bwd(x: torch.Tensor, d_shrink: torch.Tensor, lora_A: torch.Tenso
     partial = torch.empty((splits, r, k), device=x.device, dtype=torch.float32)
     dropout = dropout_p > 0.0
     _BWD.launch(
-        lambda meta: (triton.cdiv(k, meta["BLOCK_K"]), splits),
+        lambda meta: (triton.cdiv(k, meta["BLOCK_K"]), splits, triton.cdiv(r, block_r)),
         x, d_shrink, partial, _seed_arg(seed, x),
         m, k, r, rows_per_split, keep_threshold(dropout_p), 1.0 / (1.0 - dropout_p),
         x.stride(0), x.stride(1), d_shrink.stride(0), d_shrink.stride(1),
