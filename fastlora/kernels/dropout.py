@@ -14,12 +14,18 @@ import triton.language as tl
 
 from fastlora.kernels._launch import interpreting
 
-__all__ = ["keep_threshold", "dropout_mask"]
+__all__ = ["keep_threshold", "seed_pointer", "dropout_mask"]
 
 
 def keep_threshold(dropout_p: float) -> int:
     """The integer a 32-bit random draw must reach for its element to be kept."""
     return round(dropout_p * (1 << 32))
+
+
+def seed_pointer(seed: torch.Tensor | None, fallback: torch.Tensor) -> torch.Tensor:
+    """The seed argument of a launch: kernels load it only when DROPOUT is set, so without dropout any
+    tensor of the launch stands in."""
+    return seed if seed is not None else fallback
 
 
 @triton.jit

@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 from fastlora.kernels._launch import Tunable, dot_precision
-from fastlora.kernels.dropout import keep, keep_threshold
+from fastlora.kernels.dropout import keep, keep_threshold, seed_pointer
 
 __all__ = ["lora_linear_fwd", "lora_linear_bwd"]
 
@@ -225,7 +225,7 @@ def lora_linear_bwd(grad_y: torch.Tensor, weight: torch.Tensor, d_shrink: torch.
         return dx
     _BWD.launch(
         lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(k, meta["BLOCK_K"]),),
-        grad_y, weight, d_shrink, lora_A, dx, seed if seed is not None else grad_y,
+        grad_y, weight, d_shrink, lora_A, dx, seed_pointer(seed, grad_y),
         m, n, k, r, keep_threshold(dropout_p), 1.0 / (1.0 - dropout_p),
         grad_y.stride(0), grad_y.stride(1), weight.stride(0), weight.stride(1),
         d_shrink.stride(0), d_shrink.stride(1), lora_A.stride(0), lora_A.stride(1), dx.stride(0), dx.stride(1),

@@ -13,7 +13,7 @@ import triton
 import triton.language as tl
 
 from fastlora.kernels._launch import Tunable, dot_precision, rank_block
-from fastlora.kernels.dropout import keep, keep_threshold
+from fastlora.kernels.dropout import keep, keep_threshold, seed_pointer
 
 __all__ = ["lora_shrink_fwd", "lora_shrink_bwd"]
 
@@ -116,11 +116,6 @@ _FWD = Tunable(_lora_shrink_fwd_kernel, lambda flags, arch, itemsize: _FWD_CONFI
 _BWD = Tunable(_lora_shrink_bwd_kernel, _bwd_configs, key=["M", "K", "R"], interpreter_config=_cfg(16, 32, 1, 1))
 
 
-def _seed_arg(seed: torch.Tensor | None, fallback: torch.Tensor) -> torch.Tensor:
-    # Kernels load the seed only when DROPOUT is set; any pointer does otherwise.
-    return seed if seed is not None else fallback
-
-
 def lora_shrink_fwd(x: torch.Tensor, lora_A: torch.Tensor, dropout_p: float, seed: torch.Tensor | None) -> torch.Tensor:
     """S = (x ⊙ m / (1 − p))·Aᵀ.
 
@@ -141,7 +136,7 @@ def lora_shrink_fwd(x: torch.Tensor, lora_A: torch.Tensor, dropout_p: float, see
     dropout = dropout_p > 0.0
     _FWD.launch(
         lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(r, block_r)),
-        x, lora_A, s, _seed_arg(seed, x),
+        x, lora_A, s, seed_pointer(seed, x),
         m, k, r, keep_threshold(dropout_p), 1.0 / (1.0 - dropout_p),
         x.stride(0), x.stride(1), lora_A.stride(0), lora_A.stride(1), s.stride(0), s.stride(1),
         DROPOUT=dropout, DOT_PRECISION=dot_precision(x.dtype), BLOCK_R=block_r,
@@ -181,7 +176,7 @@ def lora_shrink_bwd(x: torch.Tensor, d_shrink: torch.Tensor, lora_A: torch.Tenso
     dropout = dropout_p > 0.0
     _BWD.launch(
         lambda meta: (triton.cdiv(k, meta["BLOCK_K"]), splits, triton.cdiv(r, block_r)),
-        x, d_shrink, partial, _seed_arg(seed, x),
+        x, d_shrink, partial, seed_pointer(seed, x),
         m, k, r, rows_per_split, keep_threshold(dropout_p), 1.0 / (1.0 - dropout_p),
         x.stride(0), x.stride(1), d_shrink.stride(0), d_shrink.stride(1),
         partial.stride(0), partial.stride(1), partial.stride(2),
