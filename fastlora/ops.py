@@ -4,7 +4,7 @@
   (meta) implementations and a registered autograd formula, so ``torch.compile(fullgraph=True)`` traces
   through them and ``torch.library.opcheck`` passes.
 - ``LoRALinearFunction``: an ``autograd.Function`` for eager calls. It runs the same backend methods
-  without the custom-op dispatcher in between (see ``benchmarks/dispatch_overhead.py`` for what that saves).
+  without the custom-op dispatcher in between (``benchmarks/cpu_vs_peft.py`` measures what that saves).
 
 ``fastlora.functional.lora_linear`` picks the second in eager mode and the first while compiling. Both
 save exactly: x (the caller's tensor, not a copy), S = x̂·Aᵀ (..., r), the seed, and the weights.
