@@ -160,7 +160,7 @@ def _competitors(k: int, n: int, rank: int, p: float, dtype, device, backends: l
 
     def reference(x):
         x_hat = F.dropout(x, p, training=True) if p > 0 else x
-        return F.linear(x, base.weight, base.bias) + ours.scaling * ((x_hat @ a.to(x.dtype).t()) @ b.to(x.dtype).t())
+        return F.linear(x, base.weight, base.bias) + ours.scaling["default"] * ((x_hat @ a.to(x.dtype).t()) @ b.to(x.dtype).t())
 
     out.append(_Layer("reference (torch.compile)", torch.compile(reference), [a, b]))
     for backend in backends:
@@ -232,7 +232,7 @@ def _exact(module: fastlora.LoRALinear, x: torch.Tensor) -> torch.Tensor:
     from fastlora import reference
 
     return reference.lora_linear(x.float(), module.weight.float(), module.bias.float(),
-                                 module.lora_A["default"].float(), module.lora_B["default"].float(), module.scaling)  # fmt: skip
+                                 module.lora_A["default"].float(), module.lora_B["default"].float(), module.scaling["default"])  # fmt: skip
 
 
 def _ratios(row: dict) -> dict:

@@ -3,8 +3,43 @@
 from fastlora.backends import BACKEND_NAMES, set_backend, use_backend
 from fastlora.env import info
 from fastlora.functional import lora_linear
+from fastlora.io import load_adapter, save_adapter
 from fastlora.layers import LoRALinear
+from fastlora.model import (
+    combine,
+    delete_adapter,
+    disable_adapters,
+    inject,
+    list_adapters,
+    merge,
+    set_adapter,
+    trainable_parameters,
+    unload,
+    unmerge,
+)
+from fastlora.peft_compat import accelerate
 
 __version__ = "0.1.0"
 
-__all__ = ["BACKEND_NAMES", "LoRALinear", "info", "lora_linear", "set_backend", "use_backend", "__version__"]
+__all__ = [
+    "BACKEND_NAMES",
+    "LoRALinear",
+    "__version__",
+    "accelerate",
+    "combine",
+    "delete_adapter",
+    "disable_adapters",
+    "info",
+    "inject",
+    "list_adapters",
+    "load_adapter",
+    "lora_linear",
+    "merge",
+    "save_adapter",
+    "set_adapter",
+    "set_backend",
+    "trainable_parameters",
+    "unload",
+    "unmerge",
+    "use_backend",
+]

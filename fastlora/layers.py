@@ -1,4 +1,4 @@
-"""``LoRALinear``: a drop-in ``nn.Linear`` with a fused LoRA adapter."""
+"""``LoRALinear``: a drop-in ``nn.Linear`` (or GPT-2 ``Conv1D``) with one or more fused LoRA adapters."""
 
 from __future__ import annotations
 
@@ -7,12 +7,19 @@ import numbers
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from fastlora.functional import lora_linear
 
-__all__ = ["LoRALinear"]
+__all__ = ["LoRALinear", "is_conv1d"]
 
 DEFAULT_ADAPTER = "default"
+
+
+def is_conv1d(module: nn.Module) -> bool:
+    """transformers' GPT-2 style ``Conv1D``: a linear layer whose weight is stored (in, out). Recognised
+    without importing transformers."""
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and getattr(module, "weight", None) is not None
 
 
 def _check_hparams(r: int, lora_alpha: float, lora_dropout: float) -> None:
@@ -31,16 +38,22 @@ def _adapter_dtype(base_dtype: torch.dtype) -> torch.dtype:
 
 
 class LoRALinear(nn.Module):
-    """y = x·Wᵀ + b + s·(dropout(x)·Aᵀ)·Bᵀ with W, b frozen and A, B trainable.
+    """y = x·Wᵀ + b + Σ over active adapters of s·(dropout(x)·Aᵀ)·Bᵀ, with W, b frozen.
 
     Parameters (PEFT's layout, so adapters move between the two without transposes):
-        weight: (out_features, in_features), frozen.
+        weight: (out_features, in_features), frozen; stored (in, out) when built from a GPT-2 ``Conv1D``
+            (``fan_in_fan_out``), exactly as the original module stored it.
         bias: (out_features,) or None, frozen.
-        lora_A["default"]: (r, in_features), kaiming-uniform(a=√5).
-        lora_B["default"]: (out_features, r), zeros, so a fresh layer returns exactly the base output.
+        lora_A[name]: (r, in_features), kaiming-uniform(a=√5).
+        lora_B[name]: (out_features, r), zeros, so a fresh adapter leaves the output unchanged.
 
-    scaling = lora_alpha / r, or lora_alpha / √r with ``use_rslora``. Adapters are fp32 on an fp16/bf16
+    Per adapter: ``r[name]``, ``lora_alpha[name]``, ``lora_dropout[name]``, ``use_rslora[name]`` and
+    ``scaling[name]`` = lora_alpha / r (lora_alpha / √r with rsLoRA). Adapters are fp32 on an fp16/bf16
     base (as PEFT keeps them) and in the base dtype otherwise.
+
+    The first active adapter runs fused into the base GEMM; further active adapters add their terms with
+    plain PyTorch ops. Merged adapters live in ``weight`` (see ``merge``); a layer whose active adapters
+    are all merged costs what the plain layer costs.
     """
 
     def __init__(
@@ -54,6 +67,7 @@ class LoRALinear(nn.Module):
         use_rslora: bool = False,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
+        adapter_name: str = DEFAULT_ADAPTER,
     ) -> None:
         super().__init__()
         _check_hparams(r, lora_alpha, lora_dropout)
@@ -65,61 +79,169 @@ class LoRALinear(nn.Module):
         if bias_p is not None:
             bound = 1 / math.sqrt(in_features) if in_features > 0 else 0
             nn.init.uniform_(bias_p, -bound, bound)
-        self._setup(weight, bias_p, r, lora_alpha, lora_dropout, use_rslora)
+        self._setup_base(weight, bias_p, fan_in_fan_out=False)
+        self.add_adapter(adapter_name, r, lora_alpha, lora_dropout, use_rslora)
 
     @classmethod
     def from_linear(
         cls,
-        linear: nn.Linear,
+        linear: nn.Module,
         r: int = 8,
         lora_alpha: float = 8,
         lora_dropout: float = 0.0,
         use_rslora: bool = False,
+        adapter_name: str = DEFAULT_ADAPTER,
     ) -> LoRALinear:
-        """Wrap ``linear``: the new layer shares (does not copy) its weight and bias, which get frozen."""
-        if not isinstance(linear, nn.Linear):
-            raise TypeError(f"linear: expected an nn.Linear, got {type(linear).__name__}")
+        """Wrap an ``nn.Linear`` (or transformers' ``Conv1D``): the new layer shares (does not copy) its
+        weight and bias, which get frozen."""
+        if not isinstance(linear, nn.Linear) and not is_conv1d(linear):
+            raise TypeError(f"linear: expected an nn.Linear or transformers Conv1D, got {type(linear).__name__}")
         _check_hparams(r, lora_alpha, lora_dropout)
         layer = cls.__new__(cls)
         nn.Module.__init__(layer)
-        layer._setup(linear.weight, linear.bias, r, lora_alpha, lora_dropout, use_rslora)
+        layer._setup_base(linear.weight, linear.bias, fan_in_fan_out=is_conv1d(linear))
+        layer.add_adapter(adapter_name, r, lora_alpha, lora_dropout, use_rslora)
         return layer
 
-    def _setup(self, weight, bias, r, lora_alpha, lora_dropout, use_rslora) -> None:
-        self.out_features, self.in_features = weight.shape
+    def _setup_base(self, weight: nn.Parameter, bias: nn.Parameter | None, fan_in_fan_out: bool) -> None:
+        self.fan_in_fan_out = fan_in_fan_out
+        self.in_features, self.out_features = weight.shape if fan_in_fan_out else weight.shape[::-1]
         weight.requires_grad_(False)
         self.weight = weight
         if bias is not None:
             bias.requires_grad_(False)
         self.register_parameter("bias", bias)
-        self.r = int(r)
-        self.lora_alpha = float(lora_alpha)
-        self.lora_dropout = float(lora_dropout)
-        self.use_rslora = bool(use_rslora)
-        self.scaling = self.lora_alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
-        factory = {"device": weight.device, "dtype": _adapter_dtype(weight.dtype)}
-        lora_a = nn.Parameter(torch.empty((self.r, self.in_features), **factory))
-        lora_b = nn.Parameter(torch.zeros((self.out_features, self.r), **factory))
+        self.lora_A = nn.ParameterDict()
+        self.lora_B = nn.ParameterDict()
+        self.r: dict[str, int] = {}
+        self.lora_alpha: dict[str, float] = {}
+        self.lora_dropout: dict[str, float] = {}
+        self.use_rslora: dict[str, bool] = {}
+        self.scaling: dict[str, float] = {}
+        self.active_adapters: list[str] = []
+        self.disabled = False
+        self.merged_adapters: list[str] = []
+        # The base weight as it was before the first merge, kept so that unmerge restores it bit-exactly
+        # (subtracting a rounded delta would not). Costs one copy of the weight while anything is merged.
+        self._unmerged_weight: torch.Tensor | None = None
+
+    # --- adapters -------------------------------------------------------------------------------------
+
+    @property
+    def adapters(self) -> list[str]:
+        return list(self.lora_A.keys())
+
+    def add_adapter(self, name: str, r: int = 8, lora_alpha: float = 8, lora_dropout: float = 0.0,
+                    use_rslora: bool = False) -> None:  # fmt: skip
+        """Add a freshly initialised adapter (A kaiming-uniform, B zeros) and make it the active one."""
+        _check_hparams(r, lora_alpha, lora_dropout)
+        if not isinstance(name, str) or not name or "." in name:
+            raise ValueError(f"adapter_name: expected a non-empty name without dots, got {name!r}")
+        if name in self.lora_A:
+            raise ValueError(f"adapter_name: this layer already has an adapter named {name!r}")
+        factory = {"device": self.weight.device, "dtype": _adapter_dtype(self.weight.dtype)}
+        lora_a = nn.Parameter(torch.empty((int(r), self.in_features), **factory))
         nn.init.kaiming_uniform_(lora_a, a=math.sqrt(5))  # PEFT's default init for lora_A
-        self.lora_A = nn.ParameterDict({DEFAULT_ADAPTER: lora_a})
-        self.lora_B = nn.ParameterDict({DEFAULT_ADAPTER: lora_b})
+        self.lora_A[name] = lora_a
+        self.lora_B[name] = nn.Parameter(torch.zeros((self.out_features, int(r)), **factory))
+        self.r[name], self.lora_alpha[name] = int(r), float(lora_alpha)
+        self.lora_dropout[name], self.use_rslora[name] = float(lora_dropout), bool(use_rslora)
+        self.scaling[name] = self.lora_alpha[name] / (math.sqrt(r) if use_rslora else r)
+        self.set_active([name])
+
+    def delete_adapter(self, name: str) -> None:
+        if name not in self.lora_A:
+            raise ValueError(f"adapter_name: no adapter named {name!r} in this layer (it has {self.adapters})")
+        if name in self.merged_adapters:
+            raise ValueError(f"adapter_name: {name!r} is merged into the weight; unmerge before deleting it")
+        for table in (self.lora_A, self.lora_B, self.r, self.lora_alpha, self.lora_dropout, self.use_rslora, self.scaling):
+            del table[name]
+        self.active_adapters = [a for a in self.active_adapters if a != name]
+
+    def set_active(self, names: list[str]) -> None:
+        """Make ``names`` (those this layer has) the active adapters, trainable; freeze the others."""
+        self.active_adapters = [n for n in names if n in self.lora_A]
+        for name in self.lora_A:
+            trainable = name in self.active_adapters
+            self.lora_A[name].requires_grad_(trainable)
+            self.lora_B[name].requires_grad_(trainable)
+
+    # --- weights --------------------------------------------------------------------------------------
+
+    def base_weight(self) -> torch.Tensor:
+        """The (out_features, in_features) weight the layer computes with now (merged adapters included)."""
+        return self.weight.t() if self.fan_in_fan_out else self.weight
+
+    def _original_weight(self) -> torch.Tensor:
+        w = self._unmerged_weight if self._unmerged_weight is not None else self.weight
+        return w.t() if self.fan_in_fan_out else w
+
+    def delta_weight(self, names: list[str]) -> torch.Tensor:
+        """Σ s·B·A over ``names``, (out_features, in_features), in fp32."""
+        delta = torch.zeros((self.out_features, self.in_features), device=self.weight.device, dtype=torch.float32)
+        for name in names:
+            delta.addmm_(self.lora_B[name].float(), self.lora_A[name].float(), alpha=self.scaling[name])
+        return delta
+
+    def merged_weight(self, names: list[str]) -> torch.Tensor:
+        """W + Σ s·B·A for the already merged adapters and ``names``, summed in fp32 from the original W and
+        rounded once to W's dtype; shaped as ``weight`` is stored."""
+        total = self._original_weight().float() + self.delta_weight([*self.merged_adapters, *names])
+        total = total.to(self.weight.dtype)
+        return total.t() if self.fan_in_fan_out else total
+
+    @torch.no_grad()
+    def merge(self, names: list[str] | None = None, safe: bool = False) -> None:
+        """Fold adapters (default: the active ones not yet merged) into ``weight``. ``safe`` refuses a
+        non-finite result and leaves the layer as it was."""
+        names = [n for n in (self.active_adapters if names is None else names) if n not in self.merged_adapters]
+        missing = [n for n in names if n not in self.lora_A]
+        if missing:
+            raise ValueError(f"adapter_names: this layer has no adapter {missing} (it has {self.adapters})")
+        if not names:
+            return
+        new = self.merged_weight(names)
+        if safe and not torch.isfinite(new).all():
+            raise ValueError(f"merge: merging {names} gives non-finite weights; the layer was left unchanged")
+        if self._unmerged_weight is None:
+            self._unmerged_weight = self.weight.detach().clone()
+        self.weight.copy_(new)
+        self.merged_adapters += names
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Give the base weight back bit-exactly and free the copy kept for it."""
+        if self._unmerged_weight is not None:
+            self.weight.copy_(self._unmerged_weight)
+        self._unmerged_weight = None
+        self.merged_adapters = []
+
+    # --- forward --------------------------------------------------------------------------------------
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x (..., in_features) -> (..., out_features), in x's dtype."""
-        return lora_linear(
-            x,
-            self.weight,
-            self.bias,
-            self.lora_A[DEFAULT_ADAPTER],
-            self.lora_B[DEFAULT_ADAPTER],
-            self.scaling,
-            self.lora_dropout,
-            self.training,
-        )
+        if self.disabled:
+            return F.linear(x, self._original_weight(), self.bias)
+        weight = self.base_weight()
+        pending = [n for n in self.active_adapters if n not in self.merged_adapters]
+        if not pending:
+            return F.linear(x, weight, self.bias)
+        first, *rest = pending
+        y = lora_linear(x, weight, self.bias, self.lora_A[first], self.lora_B[first], self.scaling[first],
+                        self.lora_dropout[first], self.training)  # fmt: skip
+        for name in rest:  # further adapters: their own dropout draw, added with plain ops
+            x_hat = F.dropout(x, self.lora_dropout[name], self.training)
+            a, b = self.lora_A[name].to(x.dtype), self.lora_B[name].to(x.dtype)
+            y = y + self.scaling[name] * ((x_hat @ a.t()) @ b.t())
+        return y
 
     def extra_repr(self) -> str:
-        return (
-            f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-            f"r={self.r}, lora_alpha={self.lora_alpha:g}, lora_dropout={self.lora_dropout:g}"
-            + (", use_rslora=True" if self.use_rslora else "")
-        )
+        parts = [f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"]
+        for name in self.adapters:
+            parts.append(
+                f"{name}: r={self.r[name]}, lora_alpha={self.lora_alpha[name]:g}, lora_dropout={self.lora_dropout[name]:g}"
+                + (", use_rslora=True" if self.use_rslora[name] else "")
+            )
+        if self.fan_in_fan_out:
+            parts.append("fan_in_fan_out=True")
+        return "\n".join(parts) if len(parts) > 1 else parts[0]

@@ -58,7 +58,7 @@ def test_initialisation_like_peft():
 
 @pytest.mark.parametrize("r,alpha,rslora,want", [(8, 16, False, 2.0), (16, 8, False, 0.5), (16, 8, True, 2.0)])
 def test_scaling(r, alpha, rslora, want):
-    assert fastlora.LoRALinear(8, 8, r=r, lora_alpha=alpha, use_rslora=rslora).scaling == want
+    assert fastlora.LoRALinear(8, 8, r=r, lora_alpha=alpha, use_rslora=rslora).scaling["default"] == want
 
 
 def test_repr_shows_hyperparameters():
@@ -154,5 +154,5 @@ def test_bad_hyperparameters(kwargs, message):
 
 
 def test_from_linear_rejects_other_modules():
-    with pytest.raises(TypeError, match="linear: expected an nn.Linear, got Conv1d"):
+    with pytest.raises(TypeError, match="linear: expected an nn.Linear or transformers Conv1D, got Conv1d"):
         fastlora.LoRALinear.from_linear(nn.Conv1d(3, 3, 1))
