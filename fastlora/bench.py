@@ -20,6 +20,7 @@ import argparse
 import itertools
 import json
 import platform
+import statistics
 import subprocess
 import sys
 import time
@@ -136,16 +137,20 @@ def _median_ms(fn: Callable[[], object], device: torch.device, grad_to_none: lis
     return timer.blocked_autorange(min_run_time=0.2).median * 1e3
 
 
-def _measure(v: Variant, x: torch.Tensor, g: torch.Tensor, device: torch.device, params: list[torch.Tensor],
-             weights: list[torch.Tensor]) -> dict:  # fmt: skip
-    """Times of forward, backward, forward+backward; activation bytes saved (``weights`` not counted)."""
-    out: dict = {}
+def _times(v: Variant, x: torch.Tensor, g: torch.Tensor, device: torch.device, params: list[torch.Tensor]) -> dict:
+    """Median milliseconds of forward, backward (on a retained graph) and forward+backward."""
     grads = [x, *params]
-    out["fwd_ms"] = _median_ms(lambda: v.fn(x), device, grads)
+    out = {"fwd_ms": _median_ms(lambda: v.fn(x), device, grads)}
     y = v.fn(x)
     out["bwd_ms"] = _median_ms(lambda: y.backward(g, retain_graph=True), device, grads)
     del y
     out["fwd_bwd_ms"] = _median_ms(lambda: v.fn(x).backward(g), device, grads)
+    return out
+
+
+def _memory(v: Variant, x: torch.Tensor, g: torch.Tensor, device: torch.device, weights: list[torch.Tensor]) -> dict:
+    """Activation bytes saved for backward (``weights`` not counted) and, on CUDA, peak memory of a step."""
+    out: dict = {}
     _, out["saved_bytes"] = saved_activation_bytes(lambda: v.fn(x), exclude=weights)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -157,7 +162,8 @@ def _measure(v: Variant, x: torch.Tensor, g: torch.Tensor, device: torch.device,
     return out
 
 
-def run(points: list[dict], device: torch.device, backends: list[str], progress: bool = True) -> list[dict]:
+def run(points: list[dict], device: torch.device, backends: list[str], progress: bool = True,
+        rounds: int = 3) -> list[dict]:  # fmt: skip
     """Measure every variant at every grid point. A point is dict(model, layer, k, n, tokens, rank, dtype,
     dropout). Returns one row per (point, variant)."""
     rows = []
@@ -173,8 +179,10 @@ def run(points: list[dict], device: torch.device, backends: list[str], progress:
                                       ours.scaling["default"])  # fmt: skip
         tolerance = 1e-3 if dtype == torch.float32 else 3e-2
         params = [ours.lora_A["default"], ours.lora_B["default"]]
+        point_rows, ready = [], []
         for v in vs:
             row = {**point, "dtype": str(dtype).removeprefix("torch."), "variant": v.name}
+            point_rows.append(row)
             try:
                 if v.module is not None:
                     v.module.eval()
@@ -188,10 +196,24 @@ def run(points: list[dict], device: torch.device, backends: list[str], progress:
                     v.module.train()
                 vparams = params if v.name != "PEFT" else [p for p in v.module.parameters() if p.requires_grad]
                 weights = [p for p in (ours.weight, ours.bias, *vparams) if p is not None]
-                row.update(_measure(v, x, g, device, vparams, weights))
+                row.update(_memory(v, x, g, device, weights))
+                ready.append((v, row, vparams))
             except Exception as err:  # a variant that fails is a result, reported in its row
                 row["error"] = f"{type(err).__name__}: {err}"[:300]
-            rows.append(row)
+        # Rounds interleave the variants, so that drift (clocks, other load) hits them all alike; each
+        # time reported is the median over the rounds.
+        samples: dict[int, list[dict]] = {id(row): [] for _, row, _ in ready}
+        for _ in range(rounds):
+            for v, row, vparams in ready:
+                try:
+                    samples[id(row)].append(_times(v, x, g, device, vparams))
+                except Exception as err:
+                    row["error"] = f"{type(err).__name__}: {err}"[:300]
+        for _, row, _ in ready:
+            if samples[id(row)] and "error" not in row:
+                for key in samples[id(row)][0]:
+                    row[key] = statistics.median(t[key] for t in samples[id(row)])
+        rows += point_rows
         _add_ratios(rows[-len(vs):], point, device)
     return rows
 
@@ -334,6 +356,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ranks", nargs="+", type=int)
     parser.add_argument("--dtypes", nargs="+", choices=["float32", "float16", "bfloat16"])
     parser.add_argument("--dropouts", nargs="+", type=float)
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds per grid point")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -341,7 +364,7 @@ def main(argv: list[str] | None = None) -> int:
     dtypes = [getattr(torch, d) for d in args.dtypes] if args.dtypes else None
     points = grid(args.quick, device, args.models, args.layers, args.tokens, args.ranks, dtypes, args.dropouts)
     start = time.time()
-    rows = run(points, device, backends, progress=not args.no_progress)
+    rows = run(points, device, backends, progress=not args.no_progress, rounds=args.rounds)
     result = {"environment": _environment(device), "backends": backends, "quick": args.quick,
               "command": "fastlora bench " + " ".join(sys.argv[2:] if argv is None else argv), "rows": rows,
               "seconds": time.time() - start}  # fmt: skip
