@@ -4,12 +4,13 @@
    error in the same dtype (fp32, fp16, bf16, fp32 adapters on a bf16 base), on odd shapes, ranks 1 to 256,
    strided and 3-D inputs, dropout; gradients bitwise-reproducible. Memory is poisoned with NaN first, so a
    tile a kernel fails to write shows up.
-2. Timings (Llama-2-7B layers, M = 4096 tokens, r = 16, bf16, dropout 0 and 0.05), forward and
-   forward+backward, each variant checked against the reference before it is timed, all measured in this
-   one process, interleaved: bare F.linear (the floor: forward and input gradient of the frozen layer),
-   PEFT's LoRA Linear (fp32 adapters, PEFT's default on a bf16 model), the reference under torch.compile,
-   fastlora's "torch" and "triton" backends. Median of triton.testing.do_bench; peak memory per
-   forward+backward.
+2. Timings with ``fastlora.bench`` (Llama-2-7B q, gate and down layers, M = 4096 tokens, r = 16, bf16,
+   dropout 0 and 0.05): forward, backward and forward+backward, each variant checked against the reference
+   before it is timed, all measured in this one process, interleaved: bare F.linear (the floor: forward and
+   input gradient of the frozen layer), PEFT's LoRA Linear (fp32 adapters, PEFT's default on a bf16 model),
+   the reference eager and under torch.compile, fastlora's "torch" and "triton" backends. Median of
+   triton.testing.do_bench; peak memory and saved activations per forward+backward; then the ratios against
+   the targets.
 
 Usage: python benchmarks/gpu_check.py OUT_DIR [--quick]
 Writes OUT_DIR/gpu_check.json and OUT_DIR/gpu_check.md and prints the table last. ``--quick`` runs small
@@ -29,15 +30,13 @@ import traceback
 from pathlib import Path
 
 import torch
-import torch.nn as nn
-import torch.nn.functional as F
 
 import fastlora
 from fastlora.backends import backend_status
-from fastlora.testing import check_case, make_case, rel_err
+from fastlora.bench import grid, run
+from fastlora.bench import to_markdown as bench_table
+from fastlora.testing import check_case, make_case
 
-LLAMA2_7B = {"q/k/v/o 4096->4096": (4096, 4096), "gate/up 4096->11008": (4096, 11008), "down 11008->4096": (11008, 4096)}
-QUICK_SHAPES = {"quick 96->80": (96, 80)}
 TARGETS = {"fwd_bwd_vs_floor": 1.05, "fwd_bwd_vs_floor_mlp": 1.04, "fwd_vs_floor": 1.03,
            "speedup_vs_peft_p0": 1.25, "speedup_vs_peft_dropout": 1.35}  # fmt: skip
 
@@ -62,12 +61,11 @@ def _environment(device: torch.device) -> dict:
         "fastlora": fastlora.__version__,
         "python": platform.python_version(),
     }
-    try:
-        import triton
-
-        env["triton"] = triton.__version__
-    except ImportError:
-        env["triton"] = None
+    for dist in ("triton", "peft"):
+        try:
+            env[dist] = __import__(dist).__version__
+        except ImportError:
+            env[dist] = None
     if device.type == "cuda":
         env["cuda"] = torch.version.cuda
         try:
@@ -128,123 +126,29 @@ def _determinism(device: torch.device, backend: str) -> dict:
     return {"case": f"{backend} bitwise-reproducible gradients", "ok": same}
 
 
-class _Layer:
-    """One competitor: a module (or function) of x, checked before it is timed."""
-
-    def __init__(self, name, fn, params):
-        self.name, self.fn, self.params = name, fn, params
-
-
-def _competitors(k: int, n: int, rank: int, p: float, dtype, device, backends: list[str]):
-    """The variants to time, and fastlora's module (whose weights every variant shares)."""
-    torch.manual_seed(0)
-    base = nn.Linear(k, n, device=device, dtype=dtype)
-    base.requires_grad_(False)
-    ours = fastlora.LoRALinear.from_linear(base, r=rank, lora_alpha=2 * rank, lora_dropout=p)
-    nn.init.normal_(ours.lora_B["default"], std=0.02)  # a trained-looking adapter, not B = 0
-    a, b = ours.lora_A["default"], ours.lora_B["default"]
-    out = [_Layer("F.linear (floor)", lambda x: F.linear(x, base.weight, base.bias), [])]
-    try:
-        from fastlora.peft_compat import peft_lora_linear
-
-        peft = peft_lora_linear(base, r=rank, lora_alpha=2 * rank, lora_dropout=p).to(device)
-        # get_peft_model keeps adapters in fp32 on a half-precision model (autocast_adapter_dtype=True).
-        peft.lora_A.float()
-        peft.lora_B.float()
-        with torch.no_grad():
-            peft.lora_A["default"].weight.copy_(a)
-            peft.lora_B["default"].weight.copy_(b)
-        out.append(_Layer("PEFT LoRA Linear", peft, list(peft.parameters())))
-    except ImportError:
-        pass  # reported as missing in the table
-
-    def reference(x):
-        x_hat = F.dropout(x, p, training=True) if p > 0 else x
-        return F.linear(x, base.weight, base.bias) + ours.scaling["default"] * ((x_hat @ a.to(x.dtype).t()) @ b.to(x.dtype).t())
-
-    out.append(_Layer("reference (torch.compile)", torch.compile(reference), [a, b]))
-    for backend in backends:
-        def run(x, backend=backend):
-            with fastlora.use_backend(backend):
-                return ours(x)
-
-        out.append(_Layer(f"fastlora {backend}", run, [a, b]))
-    return out, ours
+def _points(quick: bool, device: torch.device) -> list[dict]:
+    if quick:  # tiny shapes: under the Triton interpreter every kernel runs in NumPy
+        return [{"model": "quick", "layer": "q", "k": 96, "n": 80, "tokens": 64, "rank": 16,
+                 "dtype": torch.float32, "dropout": p} for p in (0.0, 0.05)]  # fmt: skip
+    return grid(False, device, models=["Llama-2-7B"], layers=["q", "gate", "down"], tokens=[4096], ranks=[16],
+                dtypes=[torch.bfloat16], dropouts=[0.0, 0.05])  # fmt: skip
 
 
-def _bench(fn, device, grad_to_none) -> float:
-    """Median milliseconds."""
-    if device.type == "cuda":
-        import triton.testing
-
-        return triton.testing.do_bench(fn, warmup=25, rep=100, grad_to_none=grad_to_none, return_mode="median")
-    import torch.utils.benchmark as tb
-
-    def step():
-        for t in grad_to_none:
-            t.grad = None
-        fn()
-
-    return tb.Timer("f()", globals={"f": step}, num_threads=torch.get_num_threads()).blocked_autorange(
-        min_run_time=0.2).median * 1e3  # fmt: skip
-
-
-def time_layers(shapes: dict, m: int, rank: int, dtype, device, backends: list[str]) -> list[dict]:
-    rows = []
-    for shape_name, (k, n) in shapes.items():
-        for p in (0.0, 0.05):
-            layers, ours = _competitors(k, n, rank, p, dtype, device, backends)
-            x = torch.randn(m, k, device=device, dtype=dtype, requires_grad=True)
-            g = torch.randn(m, n, device=device, dtype=dtype)
-            results = {}
-            for layer in layers:
-                entry = {}
-                try:
-                    if layer.name != "F.linear (floor)" and p == 0.0:
-                        with torch.no_grad():
-                            got = layer.fn(x)
-                            want = _exact(ours, x)
-                        entry["check_rel_err"] = rel_err(got, want)
-                        if not entry["check_rel_err"] < (0.02 if dtype != torch.float32 else 1e-3):
-                            raise AssertionError(f"output differs from the reference: {entry['check_rel_err']:.3g}")
-                    params = [x, *layer.params]
-                    entry["fwd_ms"] = _bench(lambda: layer.fn(x), device, params)
-                    entry["fwd_bwd_ms"] = _bench(lambda: layer.fn(x).backward(g), device, params)
-                    if device.type == "cuda":
-                        torch.cuda.synchronize(device)
-                        torch.cuda.reset_peak_memory_stats(device)
-                        before = torch.cuda.memory_allocated(device)
-                        layer.fn(x).backward(g)
-                        torch.cuda.synchronize(device)
-                        entry["peak_mib"] = (torch.cuda.max_memory_allocated(device) - before) / 2**20
-                except Exception as err:
-                    entry["error"] = f"{type(err).__name__}: {err}"[:300]
-                results[layer.name] = entry
-            flops = 2 * m * k * n + 2 * m * rank * (k + n)
-            rows.append({"shape": shape_name, "K": k, "N": n, "M": m, "r": rank, "dropout": p,
-                         "fwd_tflops_of_fastlora_triton": flops / results.get("fastlora triton", {}).get("fwd_ms", float("nan")) / 1e9,
-                         "results": results})  # fmt: skip
-    return rows
-
-
-def _exact(module: fastlora.LoRALinear, x: torch.Tensor) -> torch.Tensor:
-    """The p = 0 output of ``module``'s weights, computed in fp32 by the reference."""
-    from fastlora import reference
-
-    return reference.lora_linear(x.float(), module.weight.float(), module.bias.float(),
-                                 module.lora_A["default"].float(), module.lora_B["default"].float(), module.scaling["default"])  # fmt: skip
-
-
-def _ratios(row: dict) -> dict:
-    r = row["results"]
-    ours = r.get("fastlora triton") or r.get("fastlora torch") or {}
-    floor, peft = r.get("F.linear (floor)", {}), r.get("PEFT LoRA Linear", {})
-    out = {}
-    if "fwd_ms" in ours and "fwd_ms" in floor:
-        out["fwd_vs_floor"] = ours["fwd_ms"] / floor["fwd_ms"]
-        out["fwd_bwd_vs_floor"] = ours["fwd_bwd_ms"] / floor["fwd_bwd_ms"]
-    if "fwd_bwd_ms" in ours and "fwd_bwd_ms" in peft:
-        out["speedup_vs_peft"] = peft["fwd_bwd_ms"] / ours["fwd_bwd_ms"]
+def _ratios(rows: list[dict]) -> list[dict]:
+    """Per grid point: the fused backend's ratios to the floor and to PEFT, and the targets that apply."""
+    out = []
+    for r in rows:
+        if r["variant"] != "fastlora triton" and not (r["variant"] == "fastlora torch" and not any(
+                x["variant"] == "fastlora triton" for x in rows)):  # fmt: skip
+            continue
+        mlp = r["layer"] in ("gate", "up", "down")
+        out.append({
+            "layer": f"{r['layer']} {r['k']}->{r['n']}", "dropout": r["dropout"], "variant": r["variant"],
+            "fwd_vs_floor": r.get("fwd_vs_floor"), "fwd_bwd_vs_floor": r.get("fwd_bwd_vs_floor"),
+            "speedup_vs_peft": r.get("fwd_bwd_speedup_vs_peft"),
+            "target_fwd_bwd_vs_floor": TARGETS["fwd_bwd_vs_floor_mlp" if mlp else "fwd_bwd_vs_floor"],
+            "target_speedup_vs_peft": TARGETS["speedup_vs_peft_dropout" if r["dropout"] > 0 else "speedup_vs_peft_p0"],
+        })  # fmt: skip
     return out
 
 
@@ -256,17 +160,19 @@ def to_markdown(result: dict) -> str:
     bad = [c for c in result["numerics"] if not c["ok"]]
     lines.append(f"Numerics: {len(result['numerics']) - len(bad)} of {len(result['numerics'])} checks passed.")
     lines += [f"- FAILED {c['case']}: {c.get('error', '')}" for c in bad]
-    lines += ["", "| layer | p | variant | fwd ms | fwd+bwd ms | peak MiB | error |", "|---|---|---|---|---|---|---|"]
-    for row in result["timings"]:
-        for name, e in row["results"].items():
-            lines.append(f"| {row['shape']} | {row['dropout']} | {name} | {e.get('fwd_ms', float('nan')):.3f} | "
-                         f"{e.get('fwd_bwd_ms', float('nan')):.3f} | {e.get('peak_mib', float('nan')):.1f} | "
-                         f"{e.get('error', '')} |")  # fmt: skip
-    lines += ["", "| layer | p | fwd / floor | fwd+bwd / floor | speed-up over PEFT (fwd+bwd) |", "|---|---|---|---|---|"]
-    for row in result["timings"]:
-        q = _ratios(row)
-        lines.append(f"| {row['shape']} | {row['dropout']} | {q.get('fwd_vs_floor', float('nan')):.3f} | "
-                     f"{q.get('fwd_bwd_vs_floor', float('nan')):.3f} | {q.get('speedup_vs_peft', float('nan')):.2f}x |")  # fmt: skip
+    if result["timings"]:
+        bench_env = {**env, "threads": torch.get_num_threads()}
+        lines += ["", bench_table({"environment": bench_env, "rows": result["timings"], "seconds": result["seconds"]})]
+
+    def f(v, spec):
+        return "n/a" if v is None else format(v, spec)
+
+    lines += ["", "| layer | p | variant | fwd / floor | fwd+bwd / floor (target) | speed-up over PEFT, fwd+bwd (target) |",
+              "|---|---|---|---|---|---|"]  # fmt: skip
+    for q in result["ratios"]:
+        lines.append(f"| {q['layer']} | {q['dropout']} | {q['variant']} | {f(q['fwd_vs_floor'], '.3f')} (<= "
+                     f"{TARGETS['fwd_vs_floor']}) | {f(q['fwd_bwd_vs_floor'], '.3f')} (<= {q['target_fwd_bwd_vs_floor']}) | "
+                     f"{f(q['speedup_vs_peft'], '.2f')}x (>= {q['target_speedup_vs_peft']}x) |")  # fmt: skip
     lines += ["", "Targets: fwd+bwd <= 1.05x the floor (1.04x on the MLP shapes), fwd <= 1.03x, "
               ">= 1.25x faster than PEFT at p = 0 and 1.35x at p = 0.05."]  # fmt: skip
     return "\n".join(lines)
@@ -283,13 +189,13 @@ def main(argv: list[str] | None = None) -> int:
     result = {"environment": _environment(device), "backends": backends}
     try:
         result["numerics"] = check_numerics(device, backends, args.quick)
-        shapes, m = (QUICK_SHAPES, 64) if args.quick else (LLAMA2_7B, 4096)
-        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-        result["timings"] = time_layers(shapes, m, 16, dtype, device, backends)
+        result["timings"] = run(_points(args.quick, device), device, backends, progress=False)
+        result["ratios"] = _ratios(result["timings"])
     except Exception:
         result["crash"] = traceback.format_exc()
         result.setdefault("numerics", [])
         result.setdefault("timings", [])
+        result.setdefault("ratios", [])
     result["seconds"] = time.time() - start
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "gpu_check.json").write_text(json.dumps(result, indent=2, default=str) + "\n")

@@ -7,6 +7,7 @@ import numbers
 
 import torch
 
+from fastlora.backends import resolve_backend
 from fastlora.ops import LoRALinearFunction
 
 __all__ = ["lora_linear"]
@@ -127,5 +128,8 @@ def lora_linear(
 
 def _apply(x, weight, bias, lora_A, lora_B, scaling, p, seed):
     if torch.compiler.is_compiling():
-        return torch.ops.fastlora.lora_linear(x, weight, bias, lora_A, lora_B, scaling, p, seed)[0]
-    return LoRALinearFunction.apply(x, weight, bias, lora_A, lora_B, scaling, p, seed)
+        # The backend is resolved when the compiled graph runs, not when it is traced ("" = resolve then).
+        return torch.ops.fastlora.lora_linear(x, weight, bias, lora_A, lora_B, scaling, p, seed, "")[0]
+    # Resolved once here: backward runs on the same backend even if the selection changes meanwhile.
+    backend = resolve_backend(x.device, x.dtype).name
+    return LoRALinearFunction.apply(x, weight, bias, lora_A, lora_B, scaling, p, seed, backend)

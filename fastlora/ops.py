@@ -7,7 +7,8 @@
   without the custom-op dispatcher in between (``benchmarks/cpu_vs_peft.py`` measures what that saves).
 
 ``fastlora.functional.lora_linear`` picks the second in eager mode and the first while compiling. Both
-save exactly: x (the caller's tensor, not a copy), S = x̂·Aᵀ (..., r), the seed, and the weights.
+save exactly: x (the caller's tensor, not a copy), S = x̂·Aᵀ (..., r), the seed, and the weights; and
+backward runs on the backend that ran forward (their dropout masks differ), whatever is selected by then.
 """
 
 from __future__ import annotations
@@ -16,19 +17,24 @@ from typing import Any
 
 import torch
 
-from fastlora.backends import resolve_backend
+from fastlora.backends import get_backend, resolve_backend
 
 __all__ = ["LoRALinearFunction", "lora_linear_op"]
 
 
-def _forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
-    return resolve_backend(x.device, x.dtype).forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed)
+def _backend(name: str, x: torch.Tensor):
+    """The backend called ``name`` (chosen by the caller, and already checked to run here), or, for "",
+    the one the current selection resolves to now."""
+    return get_backend(name) if name else resolve_backend(x.device, x.dtype)
 
 
-def _backward(grad_y, x, weight, lora_A, lora_B, shrink, scaling, dropout_p, seed, needs):
-    return resolve_backend(x.device, x.dtype).backward(
-        grad_y, x, weight, lora_A, lora_B, shrink, scaling, dropout_p, seed, tuple(needs)
-    )
+def _forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, backend):
+    return _backend(backend, x).forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed)
+
+
+def _backward(grad_y, x, weight, lora_A, lora_B, shrink, scaling, dropout_p, seed, needs, backend):
+    return _backend(backend, x).backward(grad_y, x, weight, lora_A, lora_B, shrink, scaling, dropout_p, seed,
+                                         tuple(needs))  # fmt: skip
 
 
 # --- custom ops (the path torch.compile sees) -------------------------------------------------------------
@@ -44,13 +50,15 @@ def lora_linear_op(
     scaling: float,
     dropout_p: float,
     seed: torch.Tensor | None,
+    backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Returns (y (..., N), S (..., r)); S is what backward needs, not differentiable."""
-    return _forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed)
+    """Returns (y (..., N), S (..., r)); S is what backward needs, not differentiable. ``backend`` names the
+    backend to run, or is "" to resolve the selection when the op runs (what compiled graphs do)."""
+    return _forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, backend)
 
 
 @lora_linear_op.register_fake
-def _(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
+def _(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, backend):
     lead = x.shape[:-1]
     return x.new_empty((*lead, weight.shape[0])), x.new_empty((*lead, lora_A.shape[0]))
 
@@ -67,15 +75,16 @@ def lora_linear_backward_op(
     dropout_p: float,
     seed: torch.Tensor | None,
     needs: list[bool],
+    backend: str,
 ) -> list[torch.Tensor]:
     """Returns [dx, dA, dB, dW, db]; an entry not asked for by ``needs`` is an empty (0,) tensor, since
     custom ops cannot return None."""
-    grads = _backward(grad_y, x, weight, lora_A, lora_B, shrink, scaling, dropout_p, seed, needs)
+    grads = _backward(grad_y, x, weight, lora_A, lora_B, shrink, scaling, dropout_p, seed, needs, backend)
     return [g if g is not None else x.new_empty(0) for g in grads]
 
 
 @lora_linear_backward_op.register_fake
-def _(grad_y, x, weight, lora_A, lora_B, shrink, scaling, dropout_p, seed, needs):
+def _(grad_y, x, weight, lora_A, lora_B, shrink, scaling, dropout_p, seed, needs, backend):
     shapes = [(x.shape, x.dtype), (lora_A.shape, lora_A.dtype), (lora_B.shape, lora_B.dtype),
               (weight.shape, weight.dtype), ((weight.shape[0],), weight.dtype)]  # fmt: skip
     return [x.new_empty(shape, dtype=dtype) if need else x.new_empty(0) for need, (shape, dtype) in zip(needs, shapes)]
@@ -88,9 +97,9 @@ def _needs(needs_input_grad: tuple[bool, ...]) -> list[bool]:
 
 
 def _setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
-    x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed = inputs
+    x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, backend = inputs
     ctx.save_for_backward(x, weight, lora_A, lora_B, output[1], seed)
-    ctx.scaling, ctx.dropout_p = scaling, dropout_p
+    ctx.scaling, ctx.dropout_p, ctx.backend = scaling, dropout_p, backend
     ctx.needs = _needs(ctx.needs_input_grad)
     ctx.mark_non_differentiable(output[1])
 
@@ -98,10 +107,10 @@ def _setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
 def _op_backward(ctx: Any, grad_y: torch.Tensor, _grad_shrink: torch.Tensor | None) -> tuple:
     x, weight, lora_A, lora_B, shrink, seed = ctx.saved_tensors
     grads = torch.ops.fastlora.lora_linear_backward(
-        grad_y, x, weight, lora_A, lora_B, shrink, ctx.scaling, ctx.dropout_p, seed, ctx.needs
+        grad_y, x, weight, lora_A, lora_B, shrink, ctx.scaling, ctx.dropout_p, seed, ctx.needs, ctx.backend
     )
     dx, da, db_, dw, dbias = (g if need else None for g, need in zip(grads, ctx.needs))
-    return dx, dw, dbias, da, db_, None, None, None
+    return dx, dw, dbias, da, db_, None, None, None, None
 
 
 lora_linear_op.register_autograd(_op_backward, setup_context=_setup_context)
@@ -114,10 +123,10 @@ class LoRALinearFunction(torch.autograd.Function):
     """Same inputs, saved tensors and gradients as the custom op, without its dispatch overhead."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
-        y, shrink = _forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed)
+    def forward(ctx, x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, backend):
+        y, shrink = _forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, backend)
         ctx.save_for_backward(x, weight, lora_A, lora_B, shrink, seed)
-        ctx.scaling, ctx.dropout_p = scaling, dropout_p
+        ctx.scaling, ctx.dropout_p, ctx.backend = scaling, dropout_p, backend
         ctx.needs = _needs(ctx.needs_input_grad)
         return y
 
@@ -126,6 +135,6 @@ class LoRALinearFunction(torch.autograd.Function):
     def backward(ctx, grad_y):
         x, weight, lora_A, lora_B, shrink, seed = ctx.saved_tensors
         dx, da, db_, dw, dbias = _backward(
-            grad_y, x, weight, lora_A, lora_B, shrink, ctx.scaling, ctx.dropout_p, seed, ctx.needs
+            grad_y, x, weight, lora_A, lora_B, shrink, ctx.scaling, ctx.dropout_p, seed, ctx.needs, ctx.backend
         )
-        return dx, dw, dbias, da, db_, None, None, None
+        return dx, dw, dbias, da, db_, None, None, None, None

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import fastlora
-from fastlora.backends import get_backend
+from fastlora.backends import backend_status, get_backend
 
 from conftest import CPU, check_finite_differences, keep_mask_for, make_case
 
@@ -97,3 +97,22 @@ def test_mask_regenerated_not_stored(backend):
     d_shrink = 0.5 * torch.ones(25, 12, dtype=torch.float64) @ t["lora_B"].detach().double()
     x_hat = t["x"].detach().double() * mask / 0.5
     torch.testing.assert_close(t["lora_A"].grad.double(), d_shrink.t() @ x_hat, rtol=1e-5, atol=1e-5)
+
+
+def test_backward_runs_on_the_forward_backend():
+    """Backends draw different dropout masks: a backward must use the backend its forward ran on, even when
+    the selection has changed in between."""
+    available = [b for b, reason in backend_status(CPU).items() if reason is None]
+    if len(available) < 2:
+        pytest.skip("needs two backends that run here (TRITON_INTERPRET=1 gives triton on the CPU)")
+    first, other = available[0], available[1]
+    case = make_case((6, 5), 20, 12, 4, dropout_p=0.5)
+    grads = []
+    for switch in (False, True):
+        t = case.tensors(torch.float32, torch.float32)
+        with fastlora.use_backend(first):
+            y = fastlora.lora_linear(**t, scaling=1.0, dropout_p=0.5, generator=torch.Generator().manual_seed(2))
+        with fastlora.use_backend(other if switch else first):
+            y.backward(torch.ones_like(y))
+        grads.append((t["x"].grad, t["lora_A"].grad))
+    assert torch.equal(grads[0][0], grads[1][0]) and torch.equal(grads[0][1], grads[1][1])

@@ -15,7 +15,9 @@ def test_gpu_check_quick(tmp_path):
     result = json.loads((tmp_path / "gpu_check.json").read_text())
     assert "crash" not in result
     assert result["numerics"] and all(c["ok"] for c in result["numerics"])
-    variants = result["timings"][0]["results"]
-    for name in ("F.linear (floor)", "PEFT LoRA Linear", "reference (torch.compile)", "fastlora torch"):
-        assert "fwd_bwd_ms" in variants[name], (name, variants[name])
+    rows = {(r["variant"], r["dropout"]): r for r in result["timings"]}
+    for name in ("F.linear (floor)", "PEFT", "reference", "reference (compiled)", "fastlora torch"):
+        for p in (0.0, 0.05):
+            assert "fwd_bwd_ms" in rows[name, p], rows[name, p]
+    assert len(result["ratios"]) == 2 and all(q["speedup_vs_peft"] for q in result["ratios"])
     assert proc.stdout.rstrip().splitlines()[-1].startswith("Targets:")  # the table comes last

@@ -16,10 +16,10 @@ from fastlora.ops import LoRALinearFunction
 from conftest import make_case, skip_if_unsupported
 
 
-def _op_args(p, bias=True, train_base=False, lead=(2, 5)):
+def _op_args(p, bias=True, train_base=False, lead=(2, 5), backend=""):
     t = make_case(lead, 12, 9, 3, bias=bias, train_base=train_base).tensors(torch.float32, torch.float32)
     seed = torch.tensor([17]) if p > 0 else None
-    return (t["x"], t["weight"], t["bias"], t["lora_A"], t["lora_B"], 0.5, p, seed)
+    return (t["x"], t["weight"], t["bias"], t["lora_A"], t["lora_B"], 0.5, p, seed, backend)
 
 
 @pytest.mark.parametrize("p", [0.0, 0.3])
@@ -36,7 +36,7 @@ def test_custom_op_matches_eager_function(backend):
     """The compile path and the eager path run the same backend: identical outputs and gradients."""
     results = []
     for use_op in (True, False):
-        args = _op_args(0.3, train_base=True)
+        args = _op_args(0.3, train_base=True, backend=backend)
         fn = torch.ops.fastlora.lora_linear if use_op else LoRALinearFunction.apply
         y = fn(*args)
         y = y[0] if use_op else y
