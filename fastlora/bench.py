@@ -168,54 +168,64 @@ def run(points: list[dict], device: torch.device, backends: list[str], progress:
     dropout). Returns one row per (point, variant)."""
     rows = []
     bar = progress_bar(points, desc="fastlora bench", disable=not progress, unit="point")
-    for point in bar:
-        bar.set_postfix_str(f"{point['model']} {point['layer']} M={point['tokens']} r={point['rank']} p={point['dropout']}")
-        k, n, m, rank, dtype = point["k"], point["n"], point["tokens"], point["rank"], point["dtype"]
-        vs, ours = variants(k, n, rank, point["dropout"], dtype, device, backends)
-        x = torch.randn(m, k, device=device, dtype=dtype, requires_grad=True)
-        g = torch.randn(m, n, device=device, dtype=dtype)
-        exact = reference.lora_linear(x.detach().float(), ours.weight.float(), ours.bias.float(),
-                                      ours.lora_A["default"].float(), ours.lora_B["default"].float(),
-                                      ours.scaling["default"])  # fmt: skip
-        tolerance = 1e-3 if dtype == torch.float32 else 3e-2
-        params = [ours.lora_A["default"], ours.lora_B["default"]]
-        point_rows, ready = [], []
-        for v in vs:
-            row = {**point, "dtype": str(dtype).removeprefix("torch."), "variant": v.name}
-            point_rows.append(row)
-            try:
-                if v.module is not None:
-                    v.module.eval()
-                with torch.no_grad():
-                    got = v.fn(x).float()
-                scale = exact.abs().max().clamp_min(1e-30)
-                row["check_rel_err"] = ((got - exact).abs().max() / scale).item() if v.name != "F.linear (floor)" else None
-                if row["check_rel_err"] is not None and not row["check_rel_err"] <= tolerance:
-                    raise AssertionError(f"output off the reference by {row['check_rel_err']:.3g} (> {tolerance})")
-                if v.module is not None:
-                    v.module.train()
-                vparams = params if v.name != "PEFT" else [p for p in v.module.parameters() if p.requires_grad]
-                weights = [p for p in (ours.weight, ours.bias, *vparams) if p is not None]
-                row.update(_memory(v, x, g, device, weights))
-                ready.append((v, row, vparams))
-            except Exception as err:  # a variant that fails is a result, reported in its row
-                row["error"] = f"{type(err).__name__}: {err}"[:300]
-        # Rounds interleave the variants, so that drift (clocks, other load) hits them all alike; each
-        # time reported is the median over the rounds.
-        samples: dict[int, list[dict]] = {id(row): [] for _, row, _ in ready}
-        for _ in range(rounds):
-            for v, row, vparams in ready:
-                try:
-                    samples[id(row)].append(_times(v, x, g, device, vparams))
-                except Exception as err:
-                    row["error"] = f"{type(err).__name__}: {err}"[:300]
-        for _, row, _ in ready:
-            if samples[id(row)] and "error" not in row:
-                for key in samples[id(row)][0]:
-                    row[key] = statistics.median(t[key] for t in samples[id(row)])
-        rows += point_rows
-        _add_ratios(rows[-len(vs):], point, device)
+    # Backward is timed alone by re-running it on a retained graph; compiled graphs may only do that without
+    # donated buffers (an AOTAutograd memory optimisation that frees saved tensors during backward).
+    import torch._functorch.config as functorch_config
+
+    with functorch_config.patch(donated_buffer=False):
+        for point in bar:
+            bar.set_postfix_str(f"{point['model']} {point['layer']} M={point['tokens']} r={point['rank']} p={point['dropout']}")
+            rows += _run_point(point, device, backends, rounds)
     return rows
+
+
+def _run_point(point: dict, device: torch.device, backends: list[str], rounds: int) -> list[dict]:
+    """Check, then time, every variant at one grid point: one row per variant."""
+    k, n, m, rank, dtype = point["k"], point["n"], point["tokens"], point["rank"], point["dtype"]
+    vs, ours = variants(k, n, rank, point["dropout"], dtype, device, backends)
+    x = torch.randn(m, k, device=device, dtype=dtype, requires_grad=True)
+    g = torch.randn(m, n, device=device, dtype=dtype)
+    exact = reference.lora_linear(x.detach().float(), ours.weight.float(), ours.bias.float(),
+                                  ours.lora_A["default"].float(), ours.lora_B["default"].float(),
+                                  ours.scaling["default"])  # fmt: skip
+    tolerance = 1e-3 if dtype == torch.float32 else 3e-2
+    params = [ours.lora_A["default"], ours.lora_B["default"]]
+    point_rows, ready = [], []
+    for v in vs:
+        row = {**point, "dtype": str(dtype).removeprefix("torch."), "variant": v.name}
+        point_rows.append(row)
+        try:
+            if v.module is not None:
+                v.module.eval()
+            with torch.no_grad():
+                got = v.fn(x).float()
+            scale = exact.abs().max().clamp_min(1e-30)
+            row["check_rel_err"] = ((got - exact).abs().max() / scale).item() if v.name != "F.linear (floor)" else None
+            if row["check_rel_err"] is not None and not row["check_rel_err"] <= tolerance:
+                raise AssertionError(f"output off the reference by {row['check_rel_err']:.3g} (> {tolerance})")
+            if v.module is not None:
+                v.module.train()
+            vparams = params if v.name != "PEFT" else [p for p in v.module.parameters() if p.requires_grad]
+            weights = [p for p in (ours.weight, ours.bias, *vparams) if p is not None]
+            row.update(_memory(v, x, g, device, weights))
+            ready.append((v, row, vparams))
+        except Exception as err:  # a variant that fails is a result, reported in its row
+            row["error"] = f"{type(err).__name__}: {err}"[:300]
+    # Rounds interleave the variants, so that drift (clocks, other load) hits them all alike; each
+    # time reported is the median over the rounds.
+    samples: dict[int, list[dict]] = {id(row): [] for _, row, _ in ready}
+    for _ in range(rounds):
+        for v, row, vparams in ready:
+            try:
+                samples[id(row)].append(_times(v, x, g, device, vparams))
+            except Exception as err:
+                row["error"] = f"{type(err).__name__}: {err}"[:300]
+    for _, row, _ in ready:
+        if samples[id(row)] and "error" not in row:
+            for key in samples[id(row)][0]:
+                row[key] = statistics.median(t[key] for t in samples[id(row)])
+    _add_ratios(point_rows, point, device)
+    return point_rows
 
 
 def _add_ratios(rows: list[dict], point: dict, device: torch.device) -> None:
@@ -356,11 +366,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ranks", nargs="+", type=int)
     parser.add_argument("--dtypes", nargs="+", choices=["float32", "float16", "bfloat16"])
     parser.add_argument("--dropouts", nargs="+", type=float)
+    parser.add_argument("--backends", nargs="+", help="fastlora backends to time (default: every one that runs "
+                        "here, less the Triton interpreter on a CPU)")  # fmt: skip
     parser.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds per grid point")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    backends = [name for name, reason in backend_status(device).items() if reason is None]
+    available = [name for name, reason in backend_status(device).items() if reason is None]
+    # On the CPU "triton" only runs through the interpreter (NumPy, minutes a call): no timing to be had.
+    backends = args.backends or [b for b in available if not (device.type == "cpu" and b == "triton")]
+    missing = [b for b in backends if b not in available]
+    if missing:
+        parser.error(f"--backends: {missing} cannot run on {device} (fastlora info says why)")
     dtypes = [getattr(torch, d) for d in args.dtypes] if args.dtypes else None
     points = grid(args.quick, device, args.models, args.layers, args.tokens, args.ranks, dtypes, args.dropouts)
     start = time.time()
