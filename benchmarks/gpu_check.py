@@ -189,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     result = {"environment": _environment(device), "backends": backends}
     try:
         result["numerics"] = check_numerics(device, backends, args.quick)
-        result["timings"] = run(_points(args.quick, device), device, backends, progress=False)
+        result["timings"] = run(_points(args.quick, device), device, backends, progress=False, rounds=1 if args.quick else 3)
         result["ratios"] = _ratios(result["timings"])
     except Exception:
         result["crash"] = traceback.format_exc()
