@@ -17,7 +17,6 @@ import argparse
 import json
 import platform
 import statistics
-import subprocess
 import sys
 from pathlib import Path
 
@@ -26,6 +25,7 @@ import torch.nn as nn
 import torch.utils.benchmark as tb
 
 import fastlora
+from fastlora.bench import environment
 from fastlora.ops import LoRALinearFunction
 from fastlora.peft_compat import peft_lora_linear
 from fastlora.profiling import saved_activation_bytes
@@ -100,14 +100,6 @@ def measure_dispatch() -> dict:
     return {name: _median_ms(fn, min_run_time=0.3) * 1e3 for name, fn in calls.items()}  # µs
 
 
-def _git_revision() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              cwd=Path(__file__).parent).stdout.strip() or "unknown"  # fmt: skip
-    except OSError:
-        return "unknown"
-
-
 def to_markdown(result: dict) -> str:
     lines = [
         f"CPU: {result['device']}, {result['threads']} threads; torch {result['torch']}; fastlora "
@@ -142,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
             "torch": torch.__version__,
             "fastlora": fastlora.__version__,
             "python": platform.python_version(),
-            "git": _git_revision(),
+            "git": environment(torch.device("cpu"))["git"],
             "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
             "layers": measure_layers(args.rounds),
             "dispatch_us": measure_dispatch(),

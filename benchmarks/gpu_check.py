@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import subprocess
 import sys
 import time
@@ -33,7 +32,7 @@ import torch
 
 import fastlora
 from fastlora.backends import backend_status
-from fastlora.bench import grid, run
+from fastlora.bench import environment, grid, run
 from fastlora.bench import to_markdown as bench_table
 from fastlora.testing import check_case, make_case
 
@@ -55,17 +54,7 @@ NUMERIC_CASES = [  # (lead, K, N, r, dropout_p, layout)
 
 
 def _environment(device: torch.device) -> dict:
-    env = {
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
-        "torch": torch.__version__,
-        "fastlora": fastlora.__version__,
-        "python": platform.python_version(),
-    }
-    for dist in ("triton", "peft"):
-        try:
-            env[dist] = __import__(dist).__version__
-        except ImportError:
-            env[dist] = None
+    env = environment(device)
     if device.type == "cuda":
         env["cuda"] = torch.version.cuda
         try:
@@ -73,11 +62,6 @@ def _environment(device: torch.device) -> dict:
                                            capture_output=True, text=True).stdout.strip()  # fmt: skip
         except OSError:
             env["driver"] = None
-    try:
-        env["git"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                    cwd=Path(__file__).parent).stdout.strip() or None  # fmt: skip
-    except OSError:
-        env["git"] = None
     return env
 
 
@@ -161,8 +145,7 @@ def to_markdown(result: dict) -> str:
     lines.append(f"Numerics: {len(result['numerics']) - len(bad)} of {len(result['numerics'])} checks passed.")
     lines += [f"- FAILED {c['case']}: {c.get('error', '')}" for c in bad]
     if result["timings"]:
-        bench_env = {**env, "threads": torch.get_num_threads()}
-        lines += ["", bench_table({"environment": bench_env, "rows": result["timings"], "seconds": result["seconds"]})]
+        lines += ["", bench_table({"environment": env, "rows": result["timings"], "seconds": result["seconds"]})]
 
     def f(v, spec):
         return "n/a" if v is None else format(v, spec)

@@ -37,7 +37,7 @@ from fastlora import reference
 from fastlora.backends import backend_status
 from fastlora.profiling import saved_activation_bytes
 
-__all__ = ["MODELS", "layer_shapes", "Variant", "variants", "run", "main"]
+__all__ = ["MODELS", "layer_shapes", "Variant", "variants", "run", "grid", "environment", "main"]
 
 # (hidden, intermediate, attention heads, key/value heads) from each model's config.json.
 MODELS = {
@@ -282,7 +282,8 @@ def grid(quick: bool, device: torch.device, models=None, layers=None, tokens=Non
     return points
 
 
-def _environment(device: torch.device) -> dict:
+def environment(device: torch.device) -> dict:
+    """Device, versions and git revision, recorded with every result."""
     env = {"device": _device_name(device), "torch": torch.__version__, "fastlora": fastlora.__version__,
            "python": platform.python_version(), "threads": torch.get_num_threads()}  # fmt: skip
     for dist in ("triton", "peft"):
@@ -382,7 +383,7 @@ def main(argv: list[str] | None = None) -> int:
     points = grid(args.quick, device, args.models, args.layers, args.tokens, args.ranks, dtypes, args.dropouts)
     start = time.time()
     rows = run(points, device, backends, progress=not args.no_progress, rounds=args.rounds)
-    result = {"environment": _environment(device), "backends": backends, "quick": args.quick,
+    result = {"environment": environment(device), "backends": backends, "quick": args.quick,
               "command": "fastlora bench " + " ".join(sys.argv[2:] if argv is None else argv), "rows": rows,
               "seconds": time.time() - start}  # fmt: skip
     args.out.mkdir(parents=True, exist_ok=True)
