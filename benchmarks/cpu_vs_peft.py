@@ -22,15 +22,15 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-import torch.utils.benchmark as tb
 
 import fastlora
-from fastlora.bench import environment
+from fastlora.bench import environment, median_ms
 from fastlora.ops import LoRALinearFunction
 from fastlora.peft_compat import peft_lora_linear
 from fastlora.profiling import saved_activation_bytes
 
 M, K, N, R, ALPHA = 2048, 1024, 1024, 16, 16
+CPU = torch.device("cpu")
 TARGETS = {0.0: {"memory": 1.0, "time": 0.97}, 0.1: {"memory": 0.55, "time": 1.0}}
 
 
@@ -44,18 +44,6 @@ def _layers(p: float):
         ours.lora_A["default"].copy_(theirs.lora_A["default"].weight)
         ours.lora_B["default"].copy_(theirs.lora_B["default"].weight)
     return {"peft": theirs, "fastlora": ours}
-
-
-def _median_ms(fn, min_run_time: float) -> float:
-    return tb.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads()).blocked_autorange(min_run_time=min_run_time).median * 1e3
-
-
-def _fwd_bwd(layer, x, grad):
-    def step():
-        x.grad = None
-        layer(x).backward(grad)
-
-    return step
 
 
 def measure_layers(rounds: int) -> list[dict]:
@@ -72,7 +60,7 @@ def measure_layers(rounds: int) -> list[dict]:
         times: dict[str, list[float]] = {name: [] for name in layers}
         for _ in range(rounds):
             for name, layer in layers.items():
-                times[name].append(_median_ms(_fwd_bwd(layer, x, grad), min_run_time=0.5))
+                times[name].append(median_ms(lambda: layer(x).backward(grad), CPU, [x], min_run_time=0.5))
         med = {name: statistics.median(v) for name, v in times.items()}
         rows.append({
             "dropout": p,
@@ -97,7 +85,7 @@ def measure_dispatch() -> dict:
         "custom op (compile path)": lambda: torch.ops.fastlora.lora_linear(x, w, b, a, bb, 1.0, 0.0, None, "torch")[0].sum().backward(),
         "fastlora.lora_linear": lambda: fastlora.lora_linear(x, w, b, a, bb, 1.0).sum().backward(),
     }  # fmt: skip
-    return {name: _median_ms(fn, min_run_time=0.3) * 1e3 for name, fn in calls.items()}  # µs
+    return {name: median_ms(fn, CPU, min_run_time=0.3) * 1e3 for name, fn in calls.items()}  # µs
 
 
 def to_markdown(result: dict) -> str:
@@ -134,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
             "torch": torch.__version__,
             "fastlora": fastlora.__version__,
             "python": platform.python_version(),
-            "git": environment(torch.device("cpu"))["git"],
+            "git": environment(CPU)["git"],
             "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
             "layers": measure_layers(args.rounds),
             "dispatch_us": measure_dispatch(),

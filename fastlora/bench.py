@@ -37,7 +37,7 @@ from fastlora import reference
 from fastlora.backends import backend_status
 from fastlora.profiling import saved_activation_bytes
 
-__all__ = ["MODELS", "layer_shapes", "Variant", "variants", "run", "grid", "environment", "main"]
+__all__ = ["MODELS", "layer_shapes", "Variant", "variants", "run", "grid", "environment", "median_ms", "main"]
 
 # (hidden, intermediate, attention heads, key/value heads) from each model's config.json.
 MODELS = {
@@ -121,7 +121,10 @@ def progress_bar(items=None, **kwargs):
     return tqdm(items, **kwargs)
 
 
-def _median_ms(fn: Callable[[], object], device: torch.device, grad_to_none: list[torch.Tensor]) -> float:
+def median_ms(fn: Callable[[], object], device: torch.device, grad_to_none: list[torch.Tensor] = (),
+              min_run_time: float = 0.2) -> float:  # fmt: skip
+    """Median milliseconds of ``fn()``, clearing the gradients of ``grad_to_none`` before each call:
+    ``triton.testing.do_bench`` on a GPU, ``torch.utils.benchmark`` (at least ``min_run_time`` s) on the CPU."""
     if device.type == "cuda":
         import triton.testing
 
@@ -134,17 +137,17 @@ def _median_ms(fn: Callable[[], object], device: torch.device, grad_to_none: lis
         fn()
 
     timer = tb.Timer("f()", globals={"f": step}, num_threads=torch.get_num_threads())
-    return timer.blocked_autorange(min_run_time=0.2).median * 1e3
+    return timer.blocked_autorange(min_run_time=min_run_time).median * 1e3
 
 
 def _times(v: Variant, x: torch.Tensor, g: torch.Tensor, device: torch.device, params: list[torch.Tensor]) -> dict:
     """Median milliseconds of forward, backward (on a retained graph) and forward+backward."""
     grads = [x, *params]
-    out = {"fwd_ms": _median_ms(lambda: v.fn(x), device, grads)}
+    out = {"fwd_ms": median_ms(lambda: v.fn(x), device, grads)}
     y = v.fn(x)
-    out["bwd_ms"] = _median_ms(lambda: y.backward(g, retain_graph=True), device, grads)
+    out["bwd_ms"] = median_ms(lambda: y.backward(g, retain_graph=True), device, grads)
     del y
-    out["fwd_bwd_ms"] = _median_ms(lambda: v.fn(x).backward(g), device, grads)
+    out["fwd_bwd_ms"] = median_ms(lambda: v.fn(x).backward(g), device, grads)
     return out
 
 

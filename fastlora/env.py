@@ -37,8 +37,7 @@ def info() -> dict[str, Any]:
     """
     versions = {"python": platform.python_version()}
     for dist in ("fastlora", "torch", "triton", "numpy", "safetensors", "peft", "transformers"):
-        versions[dist] = _version(dist)
-    versions["torch"] = torch.__version__
+        versions[dist] = torch.__version__ if dist == "torch" else _version(dist)
     devices = []
     for device in _devices():
         try:
