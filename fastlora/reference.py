@@ -1,15 +1,17 @@
 """The plain-PyTorch oracle for the LoRA linear. Written to be read, never to be fast.
 
 Tests compare every backend against these functions and against a float64 evaluation of them. Nothing
-here is clever: each line is one line of ``docs/lora-math.md``.
+here is clever: each line is one line of ``docs/lora-math.md``. ``keep_mask`` writes out, in NumPy, the
+dropout mask the Triton kernels draw, so that the mask itself is checked on every Triton version.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = ["lora_linear"]
+__all__ = ["lora_linear", "philox4x32", "keep_mask"]
 
 
 def lora_linear(
@@ -44,3 +46,45 @@ def lora_linear(
     shrink = x_hat @ lora_A.t()  # (..., r)
     return y + scaling * (shrink @ lora_B.t())
 
+
+
+_PHILOX_ROUND_A, _PHILOX_ROUND_B = 0xD2511F53, 0xCD9E8D57
+_PHILOX_KEY_A, _PHILOX_KEY_B = 0x9E3779B9, 0xBB67AE85
+_U32 = 0xFFFFFFFF
+
+
+def philox4x32(seed: int, counter: np.ndarray, rounds: int = 10) -> tuple[np.ndarray, ...]:
+    """Philox-4x32 (Salmon et al., 2011) on the counter (low word, high word, 0, 0) of each element of the
+    uint64 array ``counter``, keyed by the 64-bit ``seed`` (low word, high word). Returns four uint32 arrays."""
+    c0 = (counter & _U32).astype(np.uint64)
+    c1 = (counter >> np.uint64(32)).astype(np.uint64)
+    c2 = np.zeros_like(c0)
+    c3 = np.zeros_like(c0)
+    k0, k1 = seed & _U32, (seed >> 32) & _U32
+    for _ in range(rounds):
+        p0 = np.uint64(_PHILOX_ROUND_B) * c2  # both factors < 2³², so the product fits in 64 bits
+        p2 = np.uint64(_PHILOX_ROUND_A) * c0
+        c0, c1, c2, c3 = ((p0 >> np.uint64(32)) ^ c1 ^ np.uint64(k0), p0 & np.uint64(_U32),
+                          (p2 >> np.uint64(32)) ^ c3 ^ np.uint64(k1), p2 & np.uint64(_U32))  # fmt: skip
+        k0, k1 = (k0 + _PHILOX_KEY_A) & _U32, (k1 + _PHILOX_KEY_B) & _U32
+    return tuple(c.astype(np.uint32) for c in (c0, c1, c2, c3))
+
+
+def keep_mask(seed: int, rows: np.ndarray, in_features: int, dropout_p: float) -> np.ndarray:
+    """The keep-mask the Triton kernels regenerate (``fastlora/kernels/dropout.py``), written out: element
+    (i, j) of an x with ``in_features`` columns is kept when Philox's draw at counter i·⌈K/4⌉ + ⌊j/4⌋, output
+    (0, 2, 1, 3)[j mod 4], is >= round(p · 2³²).
+
+    Args:
+        rows: (M,) row indices i (any non-negative integers below 2⁶², to reach the counter's high word).
+
+    Returns:
+        (M, in_features) boolean array.
+    """
+    k = in_features
+    cols = np.arange(k, dtype=np.uint64)
+    counter = rows.astype(np.uint64)[:, None] * np.uint64((k + 3) // 4) + (cols // np.uint64(4))[None, :]
+    r0, r1, r2, r3 = philox4x32(int(seed), counter)
+    draws = np.stack((r0, r2, r1, r3), axis=-1)  # (M, K, 4): the order tl.join(tl.join(r0, r1), tl.join(r2, r3)) lays out
+    lane = np.take_along_axis(draws, (cols % np.uint64(4)).astype(np.int64)[None, :, None], axis=-1)[..., 0]
+    return lane.astype(np.int64) >= round(dropout_p * (1 << 32))
