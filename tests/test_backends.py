@@ -132,3 +132,32 @@ def test_explicit_triton_refuses_float64(monkeypatch):
     with fastlora.use_backend("triton"):
         with pytest.raises(RuntimeError, match=r"'triton' was requested but cannot run on cpu with torch.float64 inputs"):
             fastlora.lora_linear(x, torch.randn(3, 4, dtype=torch.float64), None, torch.randn(1, 4), torch.randn(3, 1), 1.0)
+
+
+def test_triton_older_than_supported_is_refused(monkeypatch):
+    """A Triton below the tested range (e.g. 3.2, which came with torch 2.6) is refused with the reason, also
+    when the interpreter would run it: its kernels were never checked there."""
+    triton = pytest.importorskip("triton")
+    from fastlora.backends.triton_backend import BACKEND
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(triton, "__version__", "3.2.0")
+    assert "Triton 3.2.0 is older than 3.4" in BACKEND.unavailable_reason(CPU)
+    with fastlora.use_backend("auto"):
+        assert backends.resolve_backend(CPU, torch.float32).name == "torch"
+    monkeypatch.setattr(triton, "__version__", "3.4.0")
+    assert BACKEND.unavailable_reason(CPU) is None
+
+
+def test_supported_triton_range_is_the_installed_one():
+    """pyproject's Triton range and the run-time check say the same, and CI runs on a version inside it."""
+    triton = pytest.importorskip("triton")
+    import re
+    from pathlib import Path
+
+    from fastlora.kernels._launch import SUPPORTED_TRITON, triton_version
+
+    text = (Path(__file__).resolve().parent.parent / "pyproject.toml").read_text()
+    (low, high), = set(re.findall(r'"triton>=(\d+\.\d+),<(\d+\.\d+)"', text))
+    assert (low, high) == tuple(f"{a}.{b}" for a, b in SUPPORTED_TRITON)
+    assert SUPPORTED_TRITON[0] <= triton_version() < SUPPORTED_TRITON[1], triton.__version__

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from fastlora.kernels._launch import interpreting
+from fastlora.kernels._launch import interpreting, unsupported_triton
 from fastlora.kernels.dropout import dropout_mask
 from fastlora.kernels.lora_expand import lora_expand_bwd
 from fastlora.kernels.lora_linear import lora_linear_bwd, lora_linear_fwd
@@ -28,6 +28,9 @@ class TritonBackend:
     name = "triton"
 
     def unavailable_reason(self, device: torch.device, dtype: torch.dtype | None = None) -> str | None:
+        too_old = unsupported_triton()
+        if too_old:
+            return too_old
         if dtype is not None and dtype not in _DTYPES:
             return f"kernels take float16, bfloat16 and float32 inputs, not {dtype}"
         if device.type == "cpu":

@@ -8,7 +8,28 @@ from collections.abc import Callable, Sequence
 import torch
 import triton
 
-__all__ = ["Tunable", "interpreting", "dot_precision", "rank_block"]
+__all__ = ["Tunable", "interpreting", "dot_precision", "rank_block", "SUPPORTED_TRITON", "triton_version",
+           "unsupported_triton"]  # fmt: skip
+
+# The Triton versions CI checks (pyproject.toml's `triton` extra says the same): [3.4, 3.10). Older ones are
+# refused at run time, not only at install time, because a Triton that came with torch wins over the extra:
+# 3.2 drew 64-bit dropout numbers for int64 offsets, 3.1's interpreter cannot run the mask at all, and
+# their compilers give other register counts than the ones our configs were checked with.
+SUPPORTED_TRITON = ((3, 4), (3, 10))
+
+
+def triton_version() -> tuple[int, int]:
+    """The installed Triton's (major, minor)."""
+    major, minor = triton.__version__.split(".")[:2]
+    return int(major), int(minor)
+
+
+def unsupported_triton() -> str | None:
+    """Why the installed Triton cannot run fastlora's kernels, or None."""
+    low, high = SUPPORTED_TRITON
+    if triton_version() < low:
+        return f"Triton {triton.__version__} is older than {low[0]}.{low[1]}, the oldest version fastlora is tested with"
+    return None
 
 
 def interpreting() -> bool:
