@@ -151,11 +151,17 @@ def _per_thread(c: triton.Config, rows: str, cols: str) -> int:
     return c.kwargs[rows] * c.kwargs[cols] // (32 * c.num_warps)
 
 
+def _wide_fp32_on_four_warps(c: triton.Config, itemsize: int) -> bool:
+    """fp32 inputs in 128-row tiles on 4 warps: with 4 pipeline stages this spills on Triton 3.4 (96 bytes
+    forward, 64 for dX, sm_90); 8 warps serve such tiles."""
+    return itemsize == 4 and c.kwargs["BLOCK_M"] >= 128 and c.num_warps < 8
+
+
 def _fwd_configs(flags: dict, arch: int, itemsize: int) -> list[triton.Config]:
     # Before Hopper the accumulator lives in mma fragments, which a 64 × 256 tile on 4 warps overflows.
     most = 128 if arch >= 90 else 64
     return [c for c in _FWD_CONFIGS if _fits(c, arch, itemsize, "BLOCK_N", "BLOCK_K")
-            and _per_thread(c, "BLOCK_M", "BLOCK_N") <= most]  # fmt: skip
+            and _per_thread(c, "BLOCK_M", "BLOCK_N") <= most and not _wide_fp32_on_four_warps(c, itemsize)]  # fmt: skip
 
 
 def _bwd_configs(flags: dict, arch: int, itemsize: int) -> list[triton.Config]:
@@ -166,7 +172,7 @@ def _bwd_configs(flags: dict, arch: int, itemsize: int) -> list[triton.Config]:
                     c.kwargs["GROUP_M"]) for c in _FWD_CONFIGS]  # fmt: skip
     most = (64 if itemsize <= 2 else 32) if flags["DROPOUT"] else (128 if arch >= 90 else 64)
     return [c for c in swapped if _fits(c, arch, itemsize, "BLOCK_K", "BLOCK_N")
-            and _per_thread(c, "BLOCK_M", "BLOCK_K") <= most]  # fmt: skip
+            and _per_thread(c, "BLOCK_M", "BLOCK_K") <= most and not _wide_fp32_on_four_warps(c, itemsize)]  # fmt: skip
 
 
 _FWD = Tunable(_lora_linear_fwd_kernel, _fwd_configs, key=["M", "N", "K", "R"], interpreter_config=_INTERPRETER_CONFIG)

@@ -108,7 +108,13 @@ FWD_MAX_BLOCK_R = 64
 
 
 def _bwd_configs(flags: dict, arch: int, itemsize: int) -> list[triton.Config]:
-    return _BWD_WIDE_RANK_CONFIGS if flags["BLOCK_R"] > 64 else _BWD_CONFIGS
+    """With dropout the Philox state joins the accumulator: on Triton 3.4 the 64 × 64 tile on 4 warps
+    spills (8 bytes, sm_90) and, past rank 64, the 64-row tile on sm_80 (120 bytes); they are left out."""
+    if flags["BLOCK_R"] > 64:
+        if flags["DROPOUT"] and arch < 90:
+            return _BWD_WIDE_RANK_CONFIGS[1:]
+        return _BWD_WIDE_RANK_CONFIGS
+    return _BWD_CONFIGS[1:] if flags["DROPOUT"] else _BWD_CONFIGS
 
 
 _FWD = Tunable(_lora_shrink_fwd_kernel, lambda flags, arch, itemsize: _FWD_CONFIGS, key=["M", "K", "R"],
