@@ -30,14 +30,19 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
+if interpreting():
+    # The interpreter computes bf16 dots and arithmetic on raw bit patterns (triton-lang/triton#11584):
+    # patch it to compute in fp32 like the GPU, so bf16 runs through the same numerical tests as fp32/fp16.
+    # tests/test_interpreter_bf16.py checks the patch itself.
+    import interpreter_bf16
+
+    interpreter_bf16.apply()
+
+
 def skip_if_unsupported(backend_name: str, *dtypes: torch.dtype) -> None:
-    """Skip what a backend cannot be checked on here: the Triton interpreter computes bf16 dots and
-    arithmetic on raw bit patterns (triton-lang/triton#11584), so bf16 is checked by the GPU script; the
-    Triton kernels take no float64."""
+    """Skip what a backend cannot be checked on here: the Triton kernels take no float64."""
     if backend_name != "triton":
         return
-    if torch.bfloat16 in dtypes and interpreting():
-        pytest.skip("bf16 is wrong under the Triton interpreter; benchmarks/gpu_check.py checks it on a GPU")
     if torch.float64 in dtypes:
         pytest.skip("the Triton kernels take fp16, bf16 and fp32")
 

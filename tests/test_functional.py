@@ -34,7 +34,7 @@ def test_ranks(backend, rank):
 
 
 @pytest.mark.parametrize("layout_kind", ["strided", "transposed"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 def test_strided_3d_input(backend, layout_kind, dtype):
     check_case(make_case((4, 9), 37, 26, 6), dtype, backend_name=backend, layout_kind=layout_kind)
 
@@ -52,7 +52,7 @@ def test_fp32_adapters_on_half_base(backend, dtype, dropout_p):
     check_case(make_case((2, 13), 40, 33, 8, dropout_p=dropout_p), dtype, torch.float32, backend_name=backend)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 def test_dropout_matches_reference_with_same_mask(backend, dtype):
     check_case(make_case((3, 15), 41, 27, 9, dropout_p=0.3), dtype, backend_name=backend)
 
