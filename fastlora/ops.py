@@ -29,7 +29,14 @@ def _backend(name: str, x: torch.Tensor):
 
 
 def _forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, backend):
-    return _backend(backend, x).forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed)
+    y, shrink = _backend(backend, x).forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed)
+    # The backends reshape a 2-D result to (..., N) with .view. A custom Function's output that is a view
+    # cannot be modified in place (autograd raises) and FSDP2 warns that an in-place op on it would skip its
+    # pre-backward all-gather. F.linear's output is never a view (matmul folds its batch dimensions with
+    # aten._unsafe_view, a non-view alias), so do the same; nothing else holds the 2-D base.
+    if y._is_view():
+        y = torch.ops.aten._unsafe_view(y, y.shape)
+    return y, shrink
 
 
 def _backward(grad_y, x, weight, lora_A, lora_B, shrink, scaling, dropout_p, seed, needs, backend):
