@@ -23,7 +23,11 @@ def test_help_and_unknown(capsys):
 
 
 def test_console_script_info():
-    out = subprocess.run(["fastlora", "info"], capture_output=True, text=True, check=True).stdout
+    """The console script the install put beside the running interpreter (a virtual environment's bin/ need
+    not be on PATH: the README's commands never activate it)."""
+    script = Path(sys.executable).parent / "fastlora"
+    assert script.is_file(), f"no console script at {script}: is fastlora installed in this environment?"
+    out = subprocess.run([str(script), "info"], capture_output=True, text=True, check=True).stdout
     assert "backend selected" in out
 
 
