@@ -28,7 +28,7 @@ def _check_tensor(name: str, t: object) -> torch.Tensor:
     return t
 
 
-def _check_args(x, weight, bias, lora_A, lora_B, scaling, dropout_p) -> None:
+def _check_args(x, weight, bias, lora_A, lora_B, scaling, dropout_p, training, generator) -> None:
     _check_tensor("x", x)
     if x.dim() < 1:
         raise ValueError(f"x: expected at least 1 dimension (..., in_features), got a 0-d tensor")
@@ -67,6 +67,10 @@ def _check_args(x, weight, bias, lora_A, lora_B, scaling, dropout_p) -> None:
         raise TypeError(f"scaling: expected a real number, got {type(scaling).__name__}")
     if not math.isfinite(scaling):
         raise ValueError(f"scaling: expected a finite number, got {scaling}")
+    if not isinstance(training, bool):
+        raise TypeError(f"training: expected True or False, got {training!r} ({type(training).__name__})")
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator: expected a torch.Generator or None, got {type(generator).__name__}")
     if isinstance(dropout_p, bool) or not isinstance(dropout_p, numbers.Real):
         raise TypeError(f"dropout_p: expected a real number in [0, 1), got {type(dropout_p).__name__}")
     if not 0.0 <= dropout_p < 1.0:
@@ -80,6 +84,13 @@ def _draw_seed(device: torch.device, generator: torch.Generator | None) -> torch
         return torch.randint(_SEED_BOUND, (1,), device=device, dtype=torch.int64)
     seed = torch.randint(_SEED_BOUND, (1,), device=generator.device, dtype=torch.int64, generator=generator)
     return seed.to(device)
+
+
+def _autocast_enabled(device_type: str) -> bool:
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except RuntimeError:  # device types without autocast (e.g. "meta", for shape propagation)
+        return False
 
 
 def lora_linear(
@@ -111,11 +122,11 @@ def lora_linear(
         (..., N) tensor in x's dtype (under autocast, in the autocast dtype, as ``F.linear``).
         Gradients come back in each input's own dtype.
     """
-    _check_args(x, weight, bias, lora_A, lora_B, scaling, dropout_p)
+    _check_args(x, weight, bias, lora_A, lora_B, scaling, dropout_p, training, generator)
     p = float(dropout_p) if training else 0.0
     seed = _draw_seed(x.device, generator) if p > 0.0 else None
     device_type = x.device.type
-    if torch.is_autocast_enabled(device_type):
+    if _autocast_enabled(device_type):
         # Run the base GEMM the way F.linear does under autocast; adapters keep their dtype (the backend
         # casts those small tensors itself). Inside, autocast is off so no op recasts what we chose.
         dtype = torch.get_autocast_dtype(device_type)

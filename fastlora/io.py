@@ -9,6 +9,7 @@ what PEFT writes. Tensors are read with safetensors only: nothing is ever unpick
 from __future__ import annotations
 
 import json
+import os
 from collections import Counter
 from pathlib import Path
 
@@ -17,8 +18,17 @@ import torch.nn as nn
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from fastlora._checks import (
+    check_adapter_name,
+    check_bool,
+    check_module_names,
+    check_pattern,
+    check_probability,
+    check_rank,
+    check_real,
+)
 from fastlora.layers import DEFAULT_ADAPTER
-from fastlora.model import apply_injection, lora_layers, plan_injection
+from fastlora.model import _features, all_or_nothing, apply_injection, lora_layers, plan_injection
 
 __all__ = ["save_adapter", "load_adapter", "WEIGHTS_NAME", "CONFIG_NAME"]
 
@@ -72,6 +82,14 @@ def save_adapter(model: nn.Module, path: str | Path, adapter_name: str = DEFAULT
     Rank and alpha that differ between layers go to ``rank_pattern`` / ``alpha_pattern`` (by full module
     name) around the most common values, as PEFT writes them. Merged adapters are saved like unmerged ones.
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
+    path = _check_path(path)
+    check_adapter_name("adapter_name", adapter_name)
+    if task_type is not None and not isinstance(task_type, str):
+        raise TypeError(f"task_type: expected a string or None, got {task_type!r}")
+    if path.exists() and not path.is_dir():
+        raise NotADirectoryError(f"path: {path} exists and is not a folder")
     layers = {name: layer for name, layer in lora_layers(model).items() if adapter_name in layer.lora_A}
     if not layers:
         raise ValueError(f"adapter_name: the model has no adapter named {adapter_name!r}")
@@ -112,13 +130,57 @@ def save_adapter(model: nn.Module, path: str | Path, adapter_name: str = DEFAULT
     (path / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
+def _check_path(path: object) -> Path:
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"path: expected a folder path (str or os.PathLike), got {path!r} ({type(path).__name__})")
+    return Path(path)
+
+
+# Deeper JSON than this is no adapter config: refused before Python's parser recurses into it.
+_MAX_JSON_DEPTH = 32
+
+
+def _json_depth(text: str) -> int:
+    """How deeply the JSON in ``text`` nests (brackets inside strings do not count)."""
+    depth = most = 0
+    in_string = escaped = False
+    for ch in text:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif ch == "\\":
+                escaped = True
+            elif ch == '"':
+                in_string = False
+        elif ch == '"':
+            in_string = True
+        elif ch in "[{":
+            depth += 1
+            most = max(most, depth)
+        elif ch in "]}":
+            depth -= 1
+    return most
+
+
 def _read_config(path: Path) -> dict:
+    """``adapter_config.json``, every field fastlora reads checked for type and value (a string where a
+    boolean belongs is an error, not a truthy value), and every PEFT feature fastlora lacks refused by name."""
+    if not path.exists():
+        raise FileNotFoundError(f"path: {path} does not exist")
+    if not path.is_dir():
+        raise NotADirectoryError(f"path: {path} is not a folder (expected one holding {CONFIG_NAME} and {WEIGHTS_NAME})")
     file = path / CONFIG_NAME
     if not file.is_file():
         raise FileNotFoundError(f"path: no {CONFIG_NAME} in {path}")
     try:
-        config = json.loads(file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        text = file.read_text()
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{file}: not valid JSON ({err})") from err
+    if _json_depth(text) > _MAX_JSON_DEPTH:
+        raise ValueError(f"{file}: not an adapter config: nested deeper than {_MAX_JSON_DEPTH} levels")
+    try:
+        config = json.loads(text)
+    except (json.JSONDecodeError, RecursionError) as err:
         raise ValueError(f"{file}: not valid JSON ({err})") from err
     if not isinstance(config, dict):
         raise ValueError(f"{file}: expected a JSON object, got {type(config).__name__}")
@@ -126,18 +188,38 @@ def _read_config(path: Path) -> dict:
         raise ValueError(f"{file}: peft_type: expected 'LORA', got {config.get('peft_type')!r}")
     refused = [f"{k}={config[k]!r}" for k, off in _UNSUPPORTED.items() if k in config and config[k] not in (off, None)]
     init = config.get("init_lora_weights", True)
-    if init not in _BASE_PRESERVING_INITS:
+    if not any(init is v or (isinstance(v, str) and init == v) for v in _BASE_PRESERVING_INITS):
         refused.append(f"init_lora_weights={init!r} (it rewrites the base weights)")
     unknown = [f"{k}={v!r}" for k, v in config.items()
                if k not in _UNDERSTOOD and k not in _UNSUPPORTED and v not in (None, False, {}, [])]  # fmt: skip
     if refused or unknown:
         raise ValueError(f"{file}: fastlora does not support {', '.join(refused + unknown)}")
-    for key in ("r", "lora_alpha"):
-        if key not in config:
+    for key in ("r", "lora_alpha", "target_modules"):
+        if config.get(key) is None:
             raise ValueError(f"{file}: {key}: missing")
-    if "target_modules" not in config or config["target_modules"] is None:
-        raise ValueError(f"{file}: target_modules: missing")
-    return config
+
+    def field(key, check, default):
+        value = config.get(key, default)
+        if value is None:
+            value = default
+        try:
+            return check(key, value)
+        except (TypeError, ValueError) as err:
+            raise type(err)(f"{file}: {err}") from None
+
+    return {
+        "r": field("r", check_rank, None),
+        "lora_alpha": field("lora_alpha", check_real, None),
+        "lora_dropout": field("lora_dropout", check_probability, 0.0),
+        "use_rslora": field("use_rslora", check_bool, False),
+        "fan_in_fan_out": field("fan_in_fan_out", check_bool, False),
+        "inference_mode": field("inference_mode", check_bool, True),
+        "target_modules": field("target_modules", check_module_names, None),
+        "exclude_modules": field("exclude_modules", lambda k, v: check_module_names(k, v, allow_none=True), None),
+        "rank_pattern": field("rank_pattern", lambda k, v: check_pattern(k, v, check_rank), {}),
+        "alpha_pattern": field("alpha_pattern", lambda k, v: check_pattern(k, v, check_real), {}),
+        "modules_to_save": field("modules_to_save", lambda k, v: check_module_names(k, v, allow_none=True), None),
+    }
 
 
 def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
@@ -156,16 +238,19 @@ def load_adapter(model: nn.Module, path: str | Path, adapter_name: str = DEFAULT
     """Inject adapter ``adapter_name`` as ``path``'s config says and load its weights (files written by
     PEFT or by ``save_adapter``). The adapter becomes the active one.
 
-    Everything (config, features, keys, shapes) is checked before the model changes: a bad file raises and
-    leaves the model exactly as it was.
+    Everything (config fields and their types, features, keys, shapes, dtypes, finiteness) is checked before
+    the model changes, and the change itself is all-or-nothing: a bad file raises and leaves the model
+    exactly as it was.
     """
-    path = Path(path)
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
+    path = _check_path(path)
+    check_adapter_name("adapter_name", adapter_name)
     config = _read_config(path)
     tensors = _read_tensors(path)
-    dropout = float(config.get("lora_dropout", 0.0))
-    plan = plan_injection(model, config["target_modules"], config["r"], config["lora_alpha"], dropout, adapter_name,
-                          config.get("exclude_modules"), config.get("rank_pattern"), config.get("alpha_pattern"),
-                          config.get("modules_to_save"))  # fmt: skip
+    plan = plan_injection(model, config["target_modules"], config["r"], config["lora_alpha"], config["lora_dropout"],
+                          adapter_name, config["exclude_modules"], config["rank_pattern"], config["alpha_pattern"],
+                          config["modules_to_save"])  # fmt: skip
     expected: dict[str, tuple[int, ...]] = {}
     for name, module, rank, _ in plan.targets:
         out_f, in_f = _features(module)
@@ -184,24 +269,24 @@ def load_adapter(model: nn.Module, path: str | Path, adapter_name: str = DEFAULT
              if tuple(tensors[k].shape) != shape]  # fmt: skip
     if wrong:
         raise ValueError(f"{path / WEIGHTS_NAME}: wrong shapes: {'; '.join(wrong[:5])}")
-    bad = [k for k, t in tensors.items() if not t.is_floating_point()]
+    bad = [f"{k} ({tensors[k].dtype})" for k in sorted(tensors) if not tensors[k].is_floating_point()]
     if bad:
         raise ValueError(f"{path / WEIGHTS_NAME}: expected floating-point tensors, got {bad[:5]}")
+    nonfinite = [k for k in sorted(tensors) if not torch.isfinite(tensors[k]).all()]
+    if nonfinite:
+        raise ValueError(f"{path / WEIGHTS_NAME}: tensors with NaN or Inf values: {nonfinite[:5]}"
+                         f"{'...' if len(nonfinite) > 5 else ''} ({len(nonfinite)})")  # fmt: skip
 
-    apply_injection(model, plan, adapter_name, dropout, bool(config.get("use_rslora", False)))
-    layers = lora_layers(model)
-    with torch.no_grad():
-        for name, *_ in plan.targets:
-            layers[name].lora_A[adapter_name].copy_(tensors[f"{PREFIX}{name}.lora_A.weight"])
-            layers[name].lora_B[adapter_name].copy_(tensors[f"{PREFIX}{name}.lora_B.weight"])
-        for module_name in plan.modules_to_save:
-            for pname, p in model.get_submodule(module_name).named_parameters():
-                p.copy_(tensors[f"{PREFIX}{module_name}.{pname}"])
+    # Injection allocates (and rolls itself back on failure); the copies into existing tensors come last,
+    # once nothing can fail any more.
+    with all_or_nothing(model):
+        apply_injection(model, plan, adapter_name, config["lora_dropout"], config["use_rslora"])
+        layers = lora_layers(model)
+        with torch.no_grad():
+            for name, *_ in plan.targets:
+                layers[name].lora_A[adapter_name].copy_(tensors[f"{PREFIX}{name}.lora_A.weight"])
+                layers[name].lora_B[adapter_name].copy_(tensors[f"{PREFIX}{name}.lora_B.weight"])
+            for module_name in plan.modules_to_save:
+                for pname, p in model.get_submodule(module_name).named_parameters():
+                    p.copy_(tensors[f"{PREFIX}{module_name}.{pname}"])
     return model
-
-
-def _features(module: nn.Module) -> tuple[int, int]:
-    """(out_features, in_features) of a linear layer of any of the kinds ``inject`` takes."""
-    if hasattr(module, "out_features") and hasattr(module, "in_features"):
-        return module.out_features, module.in_features
-    return module.weight.shape[1], module.weight.shape[0]  # Conv1D stores (in, out)

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import math
-import numbers
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from fastlora._checks import check_adapter_name, check_bool, check_hparams, check_int, check_names
 from fastlora.functional import lora_linear
 
 __all__ = ["LoRALinear", "is_conv1d"]
@@ -20,15 +20,6 @@ def is_conv1d(module: nn.Module) -> bool:
     """transformers' GPT-2 style ``Conv1D``: a linear layer whose weight is stored (in, out). Recognised
     without importing transformers."""
     return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and getattr(module, "weight", None) is not None
-
-
-def _check_hparams(r: int, lora_alpha: float, lora_dropout: float) -> None:
-    if isinstance(r, bool) or not isinstance(r, numbers.Integral) or r < 1:
-        raise ValueError(f"r: expected an integer rank >= 1, got {r!r}")
-    if isinstance(lora_alpha, bool) or not isinstance(lora_alpha, numbers.Real) or not math.isfinite(lora_alpha):
-        raise ValueError(f"lora_alpha: expected a finite number, got {lora_alpha!r}")
-    if isinstance(lora_dropout, bool) or not isinstance(lora_dropout, numbers.Real) or not 0 <= lora_dropout < 1:
-        raise ValueError(f"lora_dropout: expected a probability in [0, 1), got {lora_dropout!r}")
 
 
 def _adapter_dtype(base_dtype: torch.dtype) -> torch.dtype:
@@ -69,8 +60,20 @@ class LoRALinear(nn.Module):
         dtype: torch.dtype | None = None,
         adapter_name: str = DEFAULT_ADAPTER,
     ) -> None:
+        in_features = check_int("in_features", in_features, minimum=1)
+        out_features = check_int("out_features", out_features, minimum=1)
+        check_hparams(r, lora_alpha, lora_dropout, in_features=in_features, out_features=out_features)
+        check_bool("bias", bias)
+        check_bool("use_rslora", use_rslora)
+        check_adapter_name("adapter_name", adapter_name)
+        if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
+            raise TypeError(f"dtype: expected a floating-point torch.dtype or None, got {dtype!r}")
+        if device is not None:
+            try:
+                device = torch.device(device)
+            except (RuntimeError, TypeError) as err:
+                raise ValueError(f"device: expected a torch.device or a device string, got {device!r} ({err})") from None
         super().__init__()
-        _check_hparams(r, lora_alpha, lora_dropout)
         factory = {"device": device, "dtype": dtype}
         weight = nn.Parameter(torch.empty((out_features, in_features), **factory))
         bias_p = nn.Parameter(torch.empty(out_features, **factory)) if bias else None
@@ -96,7 +99,13 @@ class LoRALinear(nn.Module):
         weight and bias, which get frozen."""
         if not isinstance(linear, nn.Linear) and not is_conv1d(linear):
             raise TypeError(f"linear: expected an nn.Linear or transformers Conv1D, got {type(linear).__name__}")
-        _check_hparams(r, lora_alpha, lora_dropout)
+        if not linear.weight.is_floating_point():
+            raise TypeError(f"linear: expected a floating-point weight, got dtype {linear.weight.dtype}")
+        in_f, out_f = linear.weight.shape if is_conv1d(linear) else linear.weight.shape[::-1]
+        # Every argument is checked before the layer is built: building freezes linear's parameters.
+        check_hparams(r, lora_alpha, lora_dropout, in_features=in_f, out_features=out_f)
+        check_bool("use_rslora", use_rslora)
+        check_adapter_name("adapter_name", adapter_name)
         layer = cls.__new__(cls)
         nn.Module.__init__(layer)
         layer._setup_base(linear.weight, linear.bias, fan_in_fan_out=is_conv1d(linear))
@@ -133,23 +142,27 @@ class LoRALinear(nn.Module):
 
     def add_adapter(self, name: str, r: int = 8, lora_alpha: float = 8, lora_dropout: float = 0.0,
                     use_rslora: bool = False) -> None:  # fmt: skip
-        """Add a freshly initialised adapter (A kaiming-uniform, B zeros) and make it the active one."""
-        _check_hparams(r, lora_alpha, lora_dropout)
-        if not isinstance(name, str) or not name or "." in name:
-            raise ValueError(f"adapter_name: expected a non-empty name without dots, got {name!r}")
+        """Add a freshly initialised adapter (A kaiming-uniform, B zeros) and make it the active one.
+        On error (bad argument, failed allocation) the layer is unchanged."""
+        r, lora_alpha, lora_dropout = check_hparams(r, lora_alpha, lora_dropout, in_features=self.in_features,
+                                                    out_features=self.out_features)  # fmt: skip
+        check_bool("use_rslora", use_rslora)
+        check_adapter_name("adapter_name", name)
         if name in self.lora_A:
             raise ValueError(f"adapter_name: this layer already has an adapter named {name!r}")
         factory = {"device": self.weight.device, "dtype": _adapter_dtype(self.weight.dtype)}
-        lora_a = nn.Parameter(torch.empty((int(r), self.in_features), **factory))
+        lora_a = nn.Parameter(torch.empty((r, self.in_features), **factory))
+        lora_b = nn.Parameter(torch.zeros((self.out_features, r), **factory))
         nn.init.kaiming_uniform_(lora_a, a=math.sqrt(5))  # PEFT's default init for lora_A
-        self.lora_A[name] = lora_a
-        self.lora_B[name] = nn.Parameter(torch.zeros((self.out_features, int(r)), **factory))
-        self.r[name], self.lora_alpha[name] = int(r), float(lora_alpha)
-        self.lora_dropout[name], self.use_rslora[name] = float(lora_dropout), bool(use_rslora)
-        self.scaling[name] = self.lora_alpha[name] / (math.sqrt(r) if use_rslora else r)
+        self.lora_A[name], self.lora_B[name] = lora_a, lora_b
+        self.r[name], self.lora_alpha[name] = r, lora_alpha
+        self.lora_dropout[name], self.use_rslora[name] = lora_dropout, use_rslora
+        self.scaling[name] = lora_alpha / (math.sqrt(r) if use_rslora else r)
         self.set_active([name])
 
     def delete_adapter(self, name: str) -> None:
+        """Remove adapter ``name`` (it may be active; it must not be merged)."""
+        check_adapter_name("adapter_name", name)
         if name not in self.lora_A:
             raise ValueError(f"adapter_name: no adapter named {name!r} in this layer (it has {self.adapters})")
         if name in self.merged_adapters:
@@ -160,6 +173,7 @@ class LoRALinear(nn.Module):
 
     def set_active(self, names: list[str]) -> None:
         """Make ``names`` (those this layer has) the active adapters, trainable; freeze the others."""
+        names = check_names("names", names, allow_empty=True)
         self.active_adapters = [n for n in names if n in self.lora_A]
         for name in self.lora_A:
             trainable = name in self.active_adapters
@@ -186,27 +200,47 @@ class LoRALinear(nn.Module):
     def merged_weight(self, names: list[str]) -> torch.Tensor:
         """W + Σ s·B·A for the already merged adapters and ``names``, summed in fp32 from the original W and
         rounded once to W's dtype; shaped as ``weight`` is stored."""
-        total = self._original_weight().float() + self.delta_weight([*self.merged_adapters, *names])
-        total = total.to(self.weight.dtype)
+        return self._weight_with([*self.merged_adapters, *names])
+
+    def _weight_with(self, merged: list[str]) -> torch.Tensor:
+        """The stored weight with exactly the adapters ``merged`` folded in (a new tensor)."""
+        if not merged:
+            w = self._original_weight().detach().clone()
+            return w.t() if self.fan_in_fan_out else w
+        total = (self._original_weight().float() + self.delta_weight(merged)).to(self.weight.dtype)
         return total.t() if self.fan_in_fan_out else total
 
     @torch.no_grad()
     def merge(self, names: list[str] | None = None, safe: bool = False) -> None:
         """Fold adapters (default: the active ones not yet merged) into ``weight``. ``safe`` refuses a
-        non-finite result and leaves the layer as it was."""
+        non-finite result. On error the layer is unchanged: everything is allocated before it changes."""
+        check_bool("safe", safe)
+        if names is not None:
+            names = check_names("adapter_names", names)
+            missing = [n for n in names if n not in self.lora_A]
+            if missing:
+                raise ValueError(f"adapter_names: this layer has no adapter {missing} (it has {self.adapters})")
         names = [n for n in (self.active_adapters if names is None else names) if n not in self.merged_adapters]
-        missing = [n for n in names if n not in self.lora_A]
-        if missing:
-            raise ValueError(f"adapter_names: this layer has no adapter {missing} (it has {self.adapters})")
         if not names:
             return
         new = self.merged_weight(names)
         if safe and not torch.isfinite(new).all():
             raise ValueError(f"merge: merging {names} gives non-finite weights; the layer was left unchanged")
-        if self._unmerged_weight is None:
-            self._unmerged_weight = self.weight.detach().clone()
+        backup = self.weight.detach().clone() if self._unmerged_weight is None else None
         self.weight.copy_(new)
-        self.merged_adapters += names
+        if backup is not None:
+            self._unmerged_weight = backup
+        self.merged_adapters = [*self.merged_adapters, *names]
+
+    @torch.no_grad()
+    def restore_merged(self, merged: list[str]) -> None:
+        """Put the layer back to having exactly ``merged`` merged (a rollback of a failed model-wide merge):
+        the weight is recomputed as ``merge`` computed it, so it comes back bit for bit."""
+        if not merged:
+            self.unmerge()
+            return
+        self.weight.copy_(self._weight_with(merged))
+        self.merged_adapters = list(merged)
 
     @torch.no_grad()
     def unmerge(self) -> None:

@@ -11,15 +11,27 @@ from __future__ import annotations
 import contextlib
 import math
 import re
+import warnings
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 
-from fastlora.layers import DEFAULT_ADAPTER, LoRALinear, _check_hparams, is_conv1d
+from fastlora._checks import (
+    check_adapter_name,
+    check_bool,
+    check_hparams,
+    check_module_names,
+    check_names,
+    check_pattern,
+    check_rank,
+    check_real,
+)
+from fastlora.layers import DEFAULT_ADAPTER, LoRALinear, is_conv1d
 
 __all__ = [
+    "all_or_nothing",
     "inject",
     "plan_injection",
     "apply_injection",
@@ -68,9 +80,44 @@ def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
     return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
 
 
+def _features(module: nn.Module) -> tuple[int, int]:
+    """(out_features, in_features) of a linear layer of any of the kinds ``inject`` takes."""
+    if hasattr(module, "out_features") and hasattr(module, "in_features"):
+        return module.out_features, module.in_features
+    return module.weight.shape[1], module.weight.shape[0]  # Conv1D stores (in, out)
+
+
 def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
+
+
+def _copy_one_level(value):
+    return type(value)(value) if isinstance(value, (dict, list, set)) else value
+
+
+@contextlib.contextmanager
+def all_or_nothing(model: nn.Module) -> Iterator[None]:
+    """Run a change of ``model`` so that, if it raises, the model is as it was: the same modules in the same
+    places, the same parameters and buffers (the same tensor objects), each parameter's ``requires_grad``,
+    and every module's own attributes (fastlora's adapter tables, active and merged lists, ...).
+
+    Each module's ``__dict__`` is copied one level deep (its ``_modules``, ``_parameters`` and attribute
+    dicts and lists), which is cheap; tensor values are not copied, so a change that writes into existing
+    tensors in place must do so last, after everything that can fail (or undo it itself, as ``merge``
+    does)."""
+    modules = list({id(m): m for m in model.modules()}.values())
+    saved = [(m, {k: _copy_one_level(v) for k, v in m.__dict__.items()}) for m in modules]
+    grads = [(p, p.requires_grad) for p in {id(p): p for p in model.parameters()}.values()]
+    try:
+        yield
+    except BaseException:
+        for m, state in saved:
+            m.__dict__.clear()
+            m.__dict__.update({k: _copy_one_level(v) for k, v in state.items()})
+        for p, requires_grad in grads:
+            p.requires_grad_(requires_grad)
+        raise
 
 
 @dataclass
@@ -95,38 +142,59 @@ def plan_injection(
     modules_to_save: Iterable[str] | None = None,
 ) -> InjectionPlan:
     """Resolve the targets with PEFT's matching rules and check every argument; changes nothing."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
+    check_adapter_name("adapter_name", adapter_name)
+    r, lora_alpha, lora_dropout = check_hparams(r, lora_alpha, lora_dropout)
     if isinstance(target_modules, str) and target_modules == "all-linear":
         head = _output_head(model)
         chosen = [n for n, m in model.named_modules() if n and (_is_linear(m) or isinstance(m, LoRALinear)) and m is not head]
     else:
-        if not isinstance(target_modules, str):
-            target_modules = list(target_modules)
+        target_modules = check_module_names("target_modules", target_modules)
         chosen = [n for n, m in model.named_modules()
                   if n and (_is_linear(m) or isinstance(m, LoRALinear)) and _matches(n, target_modules)]  # fmt: skip
+    exclude_modules = check_module_names("exclude_modules", exclude_modules, allow_none=True)
     if exclude_modules is not None:
-        excl = exclude_modules if isinstance(exclude_modules, str) else list(exclude_modules)
-        chosen = [n for n in chosen if not _matches(n, excl)]
+        chosen = [n for n in chosen if not _matches(n, exclude_modules)]
     if not chosen:
         raise ValueError(f"target_modules: no linear layer of the model matches {target_modules!r}")
+    rank_pattern = check_pattern("rank_pattern", rank_pattern, check_rank)
+    alpha_pattern = check_pattern("alpha_pattern", alpha_pattern, check_real)
     targets = []
     for name in chosen:
-        rank = _pattern_value(name, rank_pattern, r)
-        alpha = _pattern_value(name, alpha_pattern, lora_alpha)
-        _check_hparams(rank, alpha, lora_dropout)
         module = model.get_submodule(name)
+        out_f, in_f = _features(module)
+        rank = check_rank(f"rank_pattern for {name}", _pattern_value(name, rank_pattern, r), in_f, out_f)
+        alpha = _pattern_value(name, alpha_pattern, lora_alpha)
         if isinstance(module, LoRALinear) and adapter_name in module.lora_A:
             raise ValueError(f"adapter_name: {name} already has an adapter named {adapter_name!r}")
+        if not isinstance(module, LoRALinear) and not module.weight.is_floating_point():
+            raise TypeError(f"target_modules: {name} has a {module.weight.dtype} weight; LoRA needs a floating-point "
+                            "base (quantised layers are not injected)")  # fmt: skip
         targets.append((name, module, rank, alpha))
-    save = [] if modules_to_save is None else list(modules_to_save)
+    if modules_to_save is not None and isinstance(modules_to_save, str):
+        modules_to_save = [modules_to_save]
+    save = check_module_names("modules_to_save", modules_to_save, allow_none=True) or []
     saved = [n for n, _ in model.named_modules() if n and save and _matches(n, save)]
     if save and not saved:
         raise ValueError(f"modules_to_save: no module of the model matches {save!r}")
+    target_names = [t[0] for t in targets]
+    overlap = [n for n in saved if any(n == t or n.startswith(t + ".") or t.startswith(n + ".") for t in target_names)]
+    if overlap:
+        raise ValueError(f"modules_to_save: {overlap[:5]} are (or contain, or lie inside) LoRA targets; a module is "
+                         "either trained whole or given an adapter, not both")  # fmt: skip
     return InjectionPlan(targets, saved)
 
 
 def apply_injection(model: nn.Module, plan: InjectionPlan, adapter_name: str, lora_dropout: float,
                     use_rslora: bool) -> nn.Module:  # fmt: skip
-    """Carry out a plan from ``plan_injection``."""
+    """Carry out a plan from ``plan_injection``. If anything fails (an allocation), the model is left as it
+    was (``all_or_nothing``)."""
+    with all_or_nothing(model):
+        return _apply_injection(model, plan, adapter_name, lora_dropout, use_rslora)
+
+
+def _apply_injection(model, plan, adapter_name, lora_dropout, use_rslora):
     for name, module, rank, alpha in plan.targets:
         if isinstance(module, LoRALinear):
             module.add_adapter(adapter_name, rank, alpha, lora_dropout, use_rslora)
@@ -170,7 +238,8 @@ def inject(
     """
     plan = plan_injection(model, target_modules, r, lora_alpha, lora_dropout, adapter_name, exclude_modules,
                           rank_pattern, alpha_pattern, modules_to_save)  # fmt: skip
-    return apply_injection(model, plan, adapter_name, lora_dropout, use_rslora)
+    check_bool("use_rslora", use_rslora)
+    return apply_injection(model, plan, adapter_name, float(lora_dropout), use_rslora)
 
 
 @dataclass(frozen=True)
@@ -201,6 +270,12 @@ def list_adapters(model: nn.Module) -> list[str]:
     return list(names)
 
 
+def _check_model(model: object) -> nn.Module:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
+    return model
+
+
 def _check_names(model: nn.Module, names: list[str], argument: str) -> None:
     present = list_adapters(model)
     missing = [n for n in names if n not in present]
@@ -210,27 +285,51 @@ def _check_names(model: nn.Module, names: list[str], argument: str) -> None:
 
 def set_adapter(model: nn.Module, names: str | list[str]) -> None:
     """Make one adapter, or several (their terms add up), the active ones; they become trainable and the
-    others frozen."""
-    names = [names] if isinstance(names, str) else list(names)
+    others frozen. An empty list is refused: ``disable_adapters`` runs the base model alone."""
+    _check_model(model)
+    names = check_names("names", names)
     _check_names(model, names, "names")
     for layer in lora_layers(model).values():
         layer.set_active(names)
 
 
 def delete_adapter(model: nn.Module, name: str) -> None:
+    """Remove adapter ``name`` from every layer. Deleting an active adapter is allowed (as in PEFT): the
+    other active adapters stay active, and when it was the only one the first remaining adapter becomes
+    active, with a warning. A merged adapter must be unmerged first."""
+    _check_model(model)
+    check_adapter_name("name", name)
     _check_names(model, [name], "name")
     layers = [layer for layer in lora_layers(model).values() if name in layer.lora_A]
     merged = [layer for layer in layers if name in layer.merged_adapters]
     if merged:
         raise ValueError(f"name: adapter {name!r} is merged into {len(merged)} layers; unmerge first")
+    active = _active_adapters(model)
     for layer in layers:
         layer.delete_adapter(name)
+    if name in active:
+        rest = [a for a in active if a != name]
+        remaining = list_adapters(model)
+        if not rest and remaining:
+            warnings.warn(f"adapter {name!r} was the active adapter and is deleted; {remaining[0]!r} is now active",
+                          stacklevel=2)  # fmt: skip
+            rest = [remaining[0]]
+        if rest:
+            set_adapter(model, rest)
+
+
+def _active_adapters(model: nn.Module) -> list[str]:
+    names: dict[str, None] = {}
+    for layer in lora_layers(model).values():
+        names.update(dict.fromkeys(layer.active_adapters))
+    return list(names)
 
 
 @contextlib.contextmanager
 def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
     """``with fastlora.disable_adapters(model): ...`` runs the base model alone (merged adapters too are left
     out), then restores what was active."""
+    _check_model(model)
     layers = list(lora_layers(model).values())
     before = [layer.disabled for layer in layers]
     for layer in layers:
@@ -242,29 +341,50 @@ def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
             layer.disabled = was
 
 
-def merge(model: nn.Module, adapter_names: list[str] | None = None, safe: bool = False) -> nn.Module:
-    """Fold adapters (default: the active ones) into the base weights, W + s·B·A summed in fp32 and rounded
-    once. The merged layers then cost what plain layers cost. Each merged layer keeps a copy of its original
-    weight (same dtype and device: one extra copy of every merged weight) so that ``unmerge`` restores it
-    bit-exactly; ``unload`` drops it.
+def merge(model: nn.Module, adapter_names: str | list[str] | None = None, safe: bool = False) -> nn.Module:
+    """Fold adapters (default: the active ones; a name or a non-empty list) into the base weights,
+    W + s·B·A summed in fp32 and rounded once. The merged layers then cost what plain layers cost. Each
+    merged layer keeps a copy of its original weight (same dtype and device: one extra copy of every merged
+    weight) so that ``unmerge`` restores it bit-exactly; ``unload`` drops it. Adapters already merged are
+    not merged again.
 
-    ``safe`` checks every layer first and refuses non-finite results, leaving the whole model untouched.
+    ``safe`` checks every layer first and refuses non-finite results. On any error the whole model is left
+    as it was.
     """
+    _check_model(model)
+    check_bool("safe", safe)
     if adapter_names is not None:
-        _check_names(model, list(adapter_names), "adapter_names")
-    layers = lora_layers(model).values()
+        adapter_names = check_names("adapter_names", adapter_names)
+        _check_names(model, adapter_names, "adapter_names")
+    layers = list(lora_layers(model).values())
+
+    def pending(layer: LoRALinear) -> list[str]:
+        wanted = layer.active_adapters if adapter_names is None else adapter_names
+        return [n for n in wanted if n in layer.lora_A and n not in layer.merged_adapters]
+
     if safe:
         for layer in layers:
-            names = [n for n in (adapter_names or layer.active_adapters) if n in layer.lora_A]
+            names = pending(layer)
             if names and not torch.isfinite(layer.merged_weight(names)).all():
                 raise ValueError(f"merge: merging {names} gives non-finite weights; the model was left unchanged")
-    for layer in layers:
-        layer.merge([n for n in (adapter_names or layer.active_adapters) if n in layer.lora_A])
+    done: list[tuple[LoRALinear, list[str]]] = []
+    try:
+        for layer in layers:
+            names = pending(layer)
+            if names:
+                before = list(layer.merged_adapters)
+                layer.merge(names)
+                done.append((layer, before))
+    except BaseException:
+        for layer, before in done:
+            layer.restore_merged(before)
+        raise
     return model
 
 
 def unmerge(model: nn.Module) -> nn.Module:
     """Give every merged layer its original weight back, bit-exactly."""
+    _check_model(model)
     for layer in lora_layers(model).values():
         layer.unmerge()
     return model
@@ -286,15 +406,23 @@ def _plain(layer: LoRALinear, weight: torch.Tensor) -> nn.Module:
 
 def unload(model: nn.Module, merge: bool = True) -> nn.Module:
     """Replace every fastlora layer by a plain ``nn.Linear`` (``Conv1D`` where it came from one), with the
-    active adapters merged in (``merge=True``) or dropped (``merge=False``). Returns ``model``."""
-    for name, layer in lora_layers(model).items():
+    active adapters merged in (``merge=True``) or dropped (``merge=False``). Returns ``model``. The new
+    weights are all computed before any layer is replaced."""
+    _check_model(model)
+    check_bool("merge", merge)
+    layers = lora_layers(model)
+    weights = {}
+    for name, layer in layers.items():
         if merge:
-            weight = layer.merged_weight([n for n in layer.active_adapters if n not in layer.merged_adapters])
-        else:
-            layer.unmerge()
-            weight = layer.weight.detach()
-        _set_submodule(model, name, _plain(layer, weight))
+            weights[name] = layer.merged_weight([n for n in layer.active_adapters if n not in layer.merged_adapters])
+        else:  # the original weight itself: the copy kept while merged, else the weight in place
+            weights[name] = layer._unmerged_weight if layer._unmerged_weight is not None else layer.weight.detach()
+    for name, layer in layers.items():
+        _set_submodule(model, name, _plain(layer, weights[name]))
     return model
+
+
+_COMBINE_METHODS = ("linear", "cat", "svd")
 
 
 def combine(
@@ -311,23 +439,38 @@ def combine(
     - "linear": all ranks equal; A = Σ sign(wᵢsᵢ)·√|wᵢsᵢ|·Aᵢ, B = Σ √|wᵢsᵢ|·Bᵢ.
     - "cat": ranks concatenated; A = [wᵢsᵢ·Aᵢ], B = [Bᵢ], so B·A = Σ wᵢsᵢ·Bᵢ·Aᵢ exactly.
     - "svd": the rank-``svd_rank`` (default: the largest rank) truncated SVD of Σ wᵢsᵢ·Bᵢ·Aᵢ: B = U·S, A = Vᵀ.
+      ``svd_rank`` must not exceed min(in_features, out_features) of any layer involved.
+
+    Weights are finite numbers; zero and negative weights are allowed (as in PEFT). Every layer's new
+    matrices are computed before any layer changes; on error the model is as it was.
     """
+    _check_model(model)
+    if not isinstance(weights, Mapping):
+        raise TypeError(f"weights: expected a dict {{adapter name: weight}}, got {type(weights).__name__}")
     if not weights:
         raise ValueError("weights: expected at least one adapter name with its weight, got none")
-    names = list(weights)
+    names = [check_adapter_name("weights (a key)", n) for n in weights]
+    weights = {n: check_real(f"weights[{n!r}]", w) for n, w in weights.items()}
     _check_names(model, names, "weights")
+    check_adapter_name("new_name", new_name)
     if new_name in list_adapters(model):
         raise ValueError(f"new_name: the model already has an adapter named {new_name!r}")
-    if method not in ("linear", "cat", "svd"):
+    if not isinstance(method, str) or method not in _COMBINE_METHODS:
         raise ValueError(f"method: expected 'linear', 'cat' or 'svd', got {method!r}")
     layers = [layer for layer in lora_layers(model).values() if any(n in layer.lora_A for n in names)]
     ranks = {layer.r[n] for layer in layers for n in names if n in layer.lora_A}
     if method == "linear" and len(ranks) > 1:
         raise ValueError(f"method: 'linear' needs adapters of one rank, these have ranks {sorted(ranks)}")
-    if method == "svd" and svd_rank is not None and (not isinstance(svd_rank, int) or svd_rank < 1):
-        raise ValueError(f"svd_rank: expected an integer >= 1 or None, got {svd_rank!r}")
+    if svd_rank is not None:
+        if method != "svd":
+            raise ValueError(f"svd_rank: only used with method='svd', got svd_rank={svd_rank!r} with method={method!r}")
+        svd_rank = check_rank("svd_rank", svd_rank)
+        most = min(min(layer.in_features, layer.out_features) for layer in layers)
+        if svd_rank > most:
+            raise ValueError(f"svd_rank: expected at most {most} (the smallest layer's min(in, out)), got {svd_rank}")
     first = names[0]
-    for layer in layers:
+    planned = []
+    for layer in layers:  # all the linear algebra first: nothing changes until every layer has its result
         present = [n for n in names if n in layer.lora_A]
         ref = present[0] if first not in layer.lora_A else first
         if method == "linear":
@@ -337,13 +480,16 @@ def combine(
             b = torch.cat([layer.lora_B[n].data for n in present], dim=1)
         else:
             a, b = _combine_svd(layer, present, weights, svd_rank or max(ranks))
-        rank = a.shape[0]
-        active = list(layer.active_adapters)
-        layer.add_adapter(new_name, rank, rank, layer.lora_dropout[ref], layer.use_rslora[ref])
-        with torch.no_grad():
-            layer.lora_A[new_name].copy_(a)
-            layer.lora_B[new_name].copy_(b)
-        layer.set_active(active)  # PEFT leaves the new adapter inactive (and frozen)
+        planned.append((layer, a, b, ref))
+    with all_or_nothing(model):
+        for layer, a, b, ref in planned:
+            rank = a.shape[0]
+            active = list(layer.active_adapters)
+            layer.add_adapter(new_name, rank, rank, layer.lora_dropout[ref], layer.use_rslora[ref])
+            with torch.no_grad():
+                layer.lora_A[new_name].copy_(a)
+                layer.lora_B[new_name].copy_(b)
+            layer.set_active(active)  # PEFT leaves the new adapter inactive (and frozen)
     return model
 
 

@@ -38,6 +38,8 @@ class TorchBackend:
     def _keep(self, seed, shape, dropout_p, device, dtype) -> torch.Tensor:
         """The keep-mask as 0/1 in ``dtype``: compared straight into x's dtype, so multiplying by it needs
         no bool-to-float conversion pass."""
+        if device.type == "meta":  # shape propagation: there are no values to draw
+            return torch.empty(shape, dtype=dtype, device=device)
         gen = torch.Generator(device=device)
         gen.manual_seed(int(seed.item()))
         bits = torch.empty(shape, dtype=torch.int32, device=device).random_(generator=gen)  # [0, 2³¹)
