@@ -137,20 +137,61 @@ def test_training_step_reduces_loss(backend):
 
 
 @pytest.mark.parametrize(
-    "kwargs,message",
+    "kwargs,error,message",
     [
-        ({"r": 0}, r"r: expected an integer rank >= 1, got 0"),
-        ({"r": 2.5}, r"r: expected an integer rank >= 1, got 2.5"),
-        ({"lora_alpha": float("nan")}, r"lora_alpha: expected a finite number, got nan"),
-        ({"lora_dropout": 1.0}, r"lora_dropout: expected a probability in \[0, 1\), got 1.0"),
-        ({"lora_dropout": -0.1}, r"lora_dropout: expected a probability in \[0, 1\), got -0.1"),
+        ({"r": 0}, ValueError, r"r: expected an integer rank >= 1, got 0"),
+        ({"r": 2.5}, TypeError, r"r: expected an integer rank >= 1, got 2.5 \(float\)"),
+        ({"r": True}, TypeError, r"r: expected an integer rank >= 1, got True \(bool\)"),
+        ({"r": 10**12}, ValueError, r"r: rank 1000000000000 gives an adapter of 12,000,000,000,000 elements"),
+        ({"lora_alpha": float("nan")}, ValueError, r"lora_alpha: expected a finite number, got nan"),
+        ({"lora_alpha": "8"}, TypeError, r"lora_alpha: expected a finite number, got '8' \(str\)"),
+        ({"lora_dropout": 1.0}, ValueError, r"lora_dropout: expected a probability in \[0, 1\), got 1.0"),
+        ({"lora_dropout": -0.1}, ValueError, r"lora_dropout: expected a probability in \[0, 1\), got -0.1"),
+        ({"use_rslora": "false"}, TypeError, r"use_rslora: expected True or False, got 'false' \(str\)"),
+        ({"adapter_name": "a.b"}, ValueError, r"adapter_name: expected a non-empty adapter name without dots, got 'a.b'"),
+        ({"adapter_name": None}, TypeError, r"adapter_name: expected an adapter name \(a string\), got None"),
     ],
 )
-def test_bad_hyperparameters(kwargs, message):
-    with pytest.raises(ValueError, match=message):
+def test_bad_hyperparameters(kwargs, error, message):
+    with pytest.raises(error, match=message):
         fastlora.LoRALinear(8, 4, **kwargs)
-    with pytest.raises(ValueError, match=message):
-        fastlora.LoRALinear.from_linear(nn.Linear(8, 4), **kwargs)
+    linear = nn.Linear(8, 4)
+    with pytest.raises(error, match=message):
+        fastlora.LoRALinear.from_linear(linear, **kwargs)
+    assert linear.weight.requires_grad and linear.bias.requires_grad  # checked before anything was frozen
+
+
+@pytest.mark.parametrize(
+    "kwargs,error,message",
+    [
+        ({"in_features": -1}, ValueError, r"in_features: expected an integer >= 1, got -1"),
+        ({"out_features": 2.0}, TypeError, r"out_features: expected an integer, got 2.0 \(float\)"),
+        ({"bias": "yes"}, TypeError, r"bias: expected True or False, got 'yes'"),
+        ({"dtype": torch.int32}, TypeError, r"dtype: expected a floating-point torch.dtype or None, got torch.int32"),
+        ({"device": "nope"}, ValueError, r"device: expected a torch.device or a device string, got 'nope'"),
+    ],
+)
+def test_bad_constructor_arguments(kwargs, error, message):
+    args = {"in_features": 8, "out_features": 4, **kwargs}
+    with pytest.raises(error, match=message):
+        fastlora.LoRALinear(**args)
+
+
+def test_meta_device_construction_forward_and_to_empty():
+    """As nn.Linear: built on the meta device, a forward (and backward) propagates shapes; to_empty then
+    materialises the layer on a real device."""
+    layer = fastlora.LoRALinear(8, 6, r=2, lora_dropout=0.1, device="meta")
+    y = layer(torch.randn(3, 5, 8, device="meta"))
+    assert y.shape == (3, 5, 6) and y.device.type == "meta"
+    y.sum().backward()
+    assert layer.lora_A["default"].grad.shape == (2, 8)
+    layer.to_empty(device="cpu")
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.normal_()
+    x = torch.randn(4, 8)
+    torch.testing.assert_close(layer.eval()(x), x @ layer.weight.t() + layer.bias
+                               + layer.scaling["default"] * (x @ layer.lora_A["default"].t()) @ layer.lora_B["default"].t())  # fmt: skip
 
 
 def test_from_linear_rejects_other_modules():

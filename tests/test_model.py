@@ -109,7 +109,7 @@ def test_freezes_everything_but_adapter_and_modules_to_save():
     "kwargs,message",
     [
         ({"target_modules": ["nothing_here"]}, "target_modules: no linear layer of the model matches"),
-        ({"target_modules": LLAMA_TARGETS, "rank_pattern": {"down_proj": 0}}, "r: expected an integer rank >= 1, got 0"),
+        ({"target_modules": LLAMA_TARGETS, "rank_pattern": {"down_proj": 0}}, r"rank_pattern\['down_proj'\]: expected an integer rank >= 1, got 0"),
         ({"target_modules": LLAMA_TARGETS, "modules_to_save": ["nope"]}, "modules_to_save: no module"),
         ({"target_modules": LLAMA_TARGETS, "lora_dropout": 1.5}, r"lora_dropout: expected a probability"),
     ],
