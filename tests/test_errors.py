@@ -46,6 +46,9 @@ CASES = [
     ({"dropout_p": -0.5}, ValueError, r"dropout_p: expected a probability in \[0, 1\), got -0.5"),
     ({"dropout_p": float("nan")}, ValueError, r"dropout_p: expected a probability in \[0, 1\), got nan"),
     ({"dropout_p": True}, TypeError, r"dropout_p: expected a real number in \[0, 1\), got bool"),
+    ({"training": "no"}, TypeError, r"training: expected True or False, got 'no' \(str\)"),
+    ({"training": 1}, TypeError, r"training: expected True or False, got 1 \(int\)"),
+    ({"generator": 5}, TypeError, r"generator: expected a torch.Generator or None, got int"),
 ]
 
 
@@ -54,3 +57,11 @@ def test_bad_argument(change, error, message):
     args = {**_good(), **change}
     with pytest.raises(error, match=message):
         fastlora.lora_linear(**args)
+
+
+def test_meta_device_propagates_shapes():
+    """As F.linear: meta tensors in, a meta tensor of the right shape out (model-loading code relies on it),
+    with dropout too."""
+    args = {k: (v.to("meta") if isinstance(v, torch.Tensor) else v) for k, v in _good().items()}
+    y = fastlora.lora_linear(**args, dropout_p=0.2)
+    assert y.device.type == "meta" and y.shape == (4, 5)
