@@ -407,7 +407,7 @@ def _plain(layer: LoRALinear, weight: torch.Tensor) -> nn.Module:
 def unload(model: nn.Module, merge: bool = True) -> nn.Module:
     """Replace every fastlora layer by a plain ``nn.Linear`` (``Conv1D`` where it came from one), with the
     active adapters merged in (``merge=True``) or dropped (``merge=False``). Returns ``model``. The new
-    weights are all computed before any layer is replaced."""
+    layers are all built before any is put in place."""
     _check_model(model)
     check_bool("merge", merge)
     layers = lora_layers(model)
@@ -417,8 +417,9 @@ def unload(model: nn.Module, merge: bool = True) -> nn.Module:
             weights[name] = layer.merged_weight([n for n in layer.active_adapters if n not in layer.merged_adapters])
         else:  # the original weight itself: the copy kept while merged, else the weight in place
             weights[name] = layer._unmerged_weight if layer._unmerged_weight is not None else layer.weight.detach()
-    for name, layer in layers.items():
-        _set_submodule(model, name, _plain(layer, weights[name]))
+    plain = {name: _plain(layer, weights[name]) for name, layer in layers.items()}
+    for name, module in plain.items():
+        _set_submodule(model, name, module)
     return model
 
 
