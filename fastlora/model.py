@@ -75,8 +75,15 @@ def _output_head(model: nn.Module) -> nn.Module | None:
     return getattr(model, "lm_head", None)
 
 
+def _check_model(model: object) -> nn.Module:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
+    return model
+
+
 def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
     """Every fastlora layer of ``model`` by module name."""
+    _check_model(model)
     return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
 
 
@@ -257,6 +264,7 @@ class TrainableParameters:
 
 def trainable_parameters(model: nn.Module) -> TrainableParameters:
     """Counts of trainable and all parameters (shared tensors counted once)."""
+    _check_model(model)
     seen: dict[int, nn.Parameter] = {id(p): p for p in model.parameters()}
     total = sum(p.numel() for p in seen.values())
     return TrainableParameters(sum(p.numel() for p in seen.values() if p.requires_grad), total)
@@ -268,12 +276,6 @@ def list_adapters(model: nn.Module) -> list[str]:
     for layer in lora_layers(model).values():
         names.update(dict.fromkeys(layer.adapters))
     return list(names)
-
-
-def _check_model(model: object) -> nn.Module:
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
-    return model
 
 
 def _check_names(model: nn.Module, names: list[str], argument: str) -> None:
