@@ -65,11 +65,11 @@ def test_inject_failing_on_a_later_target_changes_nothing():
             fastlora.inject, model, ["0", "2"], rank_pattern={"2": 10**12})  # fmt: skip
 
 
-def test_inject_rolls_back_a_failure_during_the_change(monkeypatch):
-    """A failure only the change itself can show (here: the second layer's allocation) is rolled back."""
-    model = two_adapters()
+def fail_second_call(monkeypatch, method: str) -> list:
+    """Make the second call of ``LoRALinear.<method>`` raise, as a failed allocation in a change would.
+    Returns the call log; clear it to arm the failure again."""
     calls = []
-    original = LoRALinear.add_adapter
+    original = getattr(LoRALinear, method)
 
     def failing(self, *args, **kwargs):
         calls.append(1)
@@ -77,7 +77,14 @@ def test_inject_rolls_back_a_failure_during_the_change(monkeypatch):
             raise RuntimeError("simulated allocation failure")
         return original(self, *args, **kwargs)
 
-    monkeypatch.setattr(LoRALinear, "add_adapter", failing)
+    monkeypatch.setattr(LoRALinear, method, failing)
+    return calls
+
+
+def test_inject_and_combine_roll_back_a_failure_during_the_change(monkeypatch):
+    """A failure only the change itself can show (here: the second layer's allocation) is rolled back."""
+    model = two_adapters()
+    calls = fail_second_call(monkeypatch, "add_adapter")
     refused(model, RuntimeError, "simulated", fastlora.inject, model, ["0", "2", "4"], adapter_name="c")
     calls.clear()
     refused(model, RuntimeError, "simulated", fastlora.combine, model, {"a": 1.0, "b": 1.0}, "mix", method="cat")
@@ -86,16 +93,7 @@ def test_inject_rolls_back_a_failure_during_the_change(monkeypatch):
 def test_merge_rolls_back_a_failure_during_the_change(monkeypatch):
     model = two_adapters()
     fastlora.merge(model, ["b"])
-    calls = []
-    original = LoRALinear.merge
-
-    def failing(self, *args, **kwargs):
-        calls.append(1)
-        if len(calls) == 2:
-            raise RuntimeError("simulated allocation failure")
-        return original(self, *args, **kwargs)
-
-    monkeypatch.setattr(LoRALinear, "merge", failing)
+    fail_second_call(monkeypatch, "merge")
     refused(model, RuntimeError, "simulated", fastlora.merge, model, ["a"])
 
 
