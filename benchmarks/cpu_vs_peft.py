@@ -81,7 +81,7 @@ def measure_dispatch() -> dict:
     a, bb = torch.randn(2, 16, requires_grad=True), torch.randn(8, 2, requires_grad=True)
     calls = {
         "F.linear": lambda: torch.nn.functional.linear(x, w, b).sum().backward(),
-        "autograd.Function (eager path)": lambda: LoRALinearFunction.apply(x, w, b, a, bb, 1.0, 0.0, None, "torch").sum().backward(),
+        "autograd.Function (eager path)": lambda: LoRALinearFunction.apply(x, w, b, a, bb, (1.0, 0.0, None, "torch")).sum().backward(),
         "custom op (compile path)": lambda: torch.ops.fastlora.lora_linear(x, w, b, a, bb, 1.0, 0.0, None, "torch")[0].sum().backward(),
         "fastlora.lora_linear": lambda: fastlora.lora_linear(x, w, b, a, bb, 1.0).sum().backward(),
     }  # fmt: skip

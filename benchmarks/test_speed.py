@@ -43,3 +43,20 @@ def test_fwd_bwd(benchmark, layer, dropout, variant):
 
     benchmark.group = f"{layer} {k}->{n} M={TOKENS} p={dropout}"
     benchmark(step)
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+@pytest.mark.parametrize("mode", ["forward", "forward+backward"])
+@pytest.mark.parametrize("variant", ["nn.Linear (bare)", "PEFT", "fastlora LoRALinear", "fastlora.lora_linear",
+                                     "PEFT accelerated"])  # fmt: skip
+def test_host_time(benchmark, dropout, mode, variant):
+    """Host time per call at a tiny size (``fastlora bench --host`` measures the same, interleaved)."""
+    from fastlora.bench_host import SHAPE, _variants
+
+    found = _variants(dropout)
+    if variant not in found:
+        pytest.skip(f"{variant} is not available here")
+    f = found[variant]
+    x = torch.randn(SHAPE["rows"], SHAPE["in_features"], requires_grad=True)
+    benchmark.group = f"host time, {mode}, p={dropout}"
+    benchmark(lambda: f(x) if mode == "forward" else f(x).sum().backward())

@@ -374,7 +374,13 @@ def main(argv: list[str] | None = None) -> int:
                         "here, less the Triton interpreter on a CPU)")  # fmt: skip
     parser.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds per grid point")
     parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--host", action="store_true", help="measure host time per call at a tiny size instead "
+                        "(fastlora, PEFT and the bare layer; see fastlora/bench_host.py)")  # fmt: skip
+    parser.add_argument("--host-calls", type=int, default=3000, help="--host: calls per timing")
+    parser.add_argument("--host-repeats", type=int, default=5, help="--host: timings per variant (the best counts)")
     args = parser.parse_args(argv)
+    if args.host:
+        return _host(args, argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     available = [name for name, reason in backend_status(device).items() if reason is None]
     # On the CPU "triton" only runs through the interpreter (NumPy, minutes a call): no timing to be had.
@@ -398,3 +404,25 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nwrote {args.out / 'result.json'}, {args.out / 'result.md'}"
           + (f", {args.out / 'speedup.png'}" if plotted else " (no plot: matplotlib is not installed)"))  # fmt: skip
     return 1 if any("error" in r for r in rows) else 0
+
+
+def _host(args, argv) -> int:
+    from fastlora.bench_host import SHAPE, host_overhead
+    from fastlora.bench_host import to_markdown as host_markdown
+
+    device = torch.device("cpu")
+    start = time.time()
+    rows = host_overhead(calls=args.host_calls, repeats=args.host_repeats)
+    result = {"environment": environment(device), "shape": SHAPE, "calls": args.host_calls,
+              "repeats": args.host_repeats, "threads": 1,
+              "command": "fastlora bench " + " ".join(sys.argv[2:] if argv is None else argv), "rows": rows,
+              "seconds": time.time() - start}  # fmt: skip
+    table = (f"Host time per call, µs (best of {args.host_repeats} × {args.host_calls} calls, one thread; "
+             f"layer {SHAPE['in_features']} -> {SHAPE['out_features']}, r = {SHAPE['r']}, {SHAPE['rows']} rows, "
+             "training mode)\n\n" + host_markdown(rows))  # fmt: skip
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "result.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
+    (args.out / "result.md").write_text(table + "\n")
+    print(table)
+    print(f"\nwrote {args.out / 'result.json'}, {args.out / 'result.md'}")
+    return 0

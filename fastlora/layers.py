@@ -256,16 +256,21 @@ class LoRALinear(nn.Module):
         """x (..., in_features) -> (..., out_features), in x's dtype."""
         if self.disabled:
             return F.linear(x, self._original_weight(), self.bias)
-        weight = self.base_weight()
-        pending = [n for n in self.active_adapters if n not in self.merged_adapters]
+        weight = self.weight.t() if self.fan_in_fan_out else self.weight
+        pending = self.active_adapters
+        if self.merged_adapters:
+            pending = [n for n in pending if n not in self.merged_adapters]
         if not pending:
             return F.linear(x, weight, self.bias)
-        first, *rest = pending
-        y = lora_linear(x, weight, self.bias, self.lora_A[first], self.lora_B[first], self.scaling[first],
+        # ParameterDict's own __getitem__ goes through Module.__getattr__; its _parameters dict holds the same
+        # Parameters under the same (string) keys, at a fraction of the host time per call.
+        lora_a, lora_b = self.lora_A._parameters, self.lora_B._parameters
+        first = pending[0]
+        y = lora_linear(x, weight, self.bias, lora_a[first], lora_b[first], self.scaling[first],
                         self.lora_dropout[first], self.training)  # fmt: skip
-        for name in rest:  # further adapters: their own dropout draw, added with plain ops
+        for name in pending[1:]:  # further adapters: their own dropout draw, added with plain ops
             x_hat = F.dropout(x, self.lora_dropout[name], self.training)
-            a, b = self.lora_A[name].to(x.dtype), self.lora_B[name].to(x.dtype)
+            a, b = lora_a[name].to(x.dtype), lora_b[name].to(x.dtype)
             y = y + self.scaling[name] * ((x_hat @ a.t()) @ b.t())
         return y
 

@@ -20,6 +20,17 @@ def cpu_backends() -> list[str]:
     return [name for name, reason in backend_status(CPU).items() if reason is None]
 
 
+@pytest.fixture(autouse=True)
+def _fresh_backend_resolution():
+    """resolve_backend keeps its answers (they cannot change in a real run); tests change the environment
+    under it (TRITON_INTERPRET, fake backends, Triton's version), so each starts and ends afresh."""
+    from fastlora.backends import forget_resolved
+
+    forget_resolved()
+    yield
+    forget_resolved()
+
+
 @pytest.fixture(params=cpu_backends())
 def backend(request):
     with fastlora.use_backend(request.param):

@@ -50,6 +50,16 @@ def test_bench_quick(tmp_path):
     assert (tmp_path / "result.md").read_text().startswith("Device:")
 
 
+def test_bench_host(tmp_path):
+    """The host-time table: every variant measured in one run, with its ratio to PEFT."""
+    assert main(["bench", "--host", "--host-calls", "20", "--host-repeats", "1", "--out", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "result.json").read_text())["rows"]
+    names = {r["variant"] for r in rows}
+    assert {"nn.Linear (bare)", "PEFT", "fastlora LoRALinear", "fastlora.lora_linear", "PEFT accelerated"} <= names
+    assert all(r["us_per_call"] > 0 and r["vs_peft"] > 0 for r in rows)
+    assert len(rows) == 2 * 2 * len(names)  # two dropouts, forward and forward+backward
+
+
 def test_benchmark_suite_runs():
     """The pytest-benchmark suite collects and runs (each case once, without timing)."""
     proc = subprocess.run([sys.executable, "-m", "pytest", str(ROOT / "benchmarks"), "-q", "--benchmark-disable",

@@ -69,6 +69,16 @@ def test_keep_mask_rate(backend, p):
     assert abs(dropped - p) < 5 * math.sqrt(p * (1 - p) / n)
 
 
+@pytest.mark.parametrize("p", [0.05, 0.5])
+def test_keep_mask_rate_small_calls(backend, p):
+    """Small masks may be drawn another way (host time): their drop rate is p too, over 100 seeds of a
+    2,000-element mask, and different seeds give different masks."""
+    masks = torch.stack([get_backend(backend).keep_mask(torch.tensor([s]), (50, 40), p, CPU) for s in range(100)])
+    dropped = 1.0 - masks.double().mean().item()
+    assert abs(dropped - p) < 5 * math.sqrt(p * (1 - p) / masks.numel())
+    assert not torch.equal(masks[0], masks[1])
+
+
 def test_output_unbiased(backend):
     """E[y] over dropout draws equals the output without dropout (x̂ is scaled by 1/(1-p)). One call on
     1000 copies of the same 4 rows: each copy gets its own mask."""

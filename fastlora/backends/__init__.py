@@ -34,6 +34,7 @@ __all__ = [
     "set_backend",
     "use_backend",
     "backend_status",
+    "forget_resolved",
 ]
 
 AUTO = "auto"
@@ -112,13 +113,33 @@ def _reason(name: str, device: torch.device, dtype: torch.dtype | None = None) -
     return backend.unavailable_reason(device, dtype)
 
 
+# (selected name, device, dtype) -> backend. Whether a backend can run on a device does not change while a
+# program runs (installed packages, the device's compute capability, TRITON_INTERPRET, which Triton reads at
+# import), so the answer is kept: it saves the checks' host time on every call. The selection itself is
+# still read at every call.
+_resolved: dict[tuple, Any] = {}
+
+
 def resolve_backend(device: torch.device, dtype: torch.dtype | None = None) -> Any:
     """The backend that runs now for tensors on ``device`` (of ``dtype``, when given).
 
     "auto" takes the first available backend in its preference order for the device type, quietly. A
     backend asked for by name that cannot run on ``device`` raises RuntimeError saying why.
     """
-    name = selected_backend_name()
+    name = _selected if _selected is not None else selected_backend_name()
+    key = (name, device, dtype)
+    backend = _resolved.get(key)
+    if backend is None:
+        backend = _resolved[key] = _resolve(name, device, dtype)
+    return backend
+
+
+def forget_resolved() -> None:
+    """Drop the kept answers of ``resolve_backend`` (tests that change the environment under it call this)."""
+    _resolved.clear()
+
+
+def _resolve(name: str, device: torch.device, dtype: torch.dtype | None) -> Any:
     if name == AUTO:
         for candidate in _AUTO_ORDER.get(device.type, ()) + _AUTO_FALLBACK:
             if _reason(candidate, device, dtype) is None:

@@ -14,11 +14,17 @@ few times as PyTorch allows and saves as little as the math needs.
 
 from __future__ import annotations
 
+import math
+import threading
+
 import torch
 
 # Keep-mask resolution: an element is kept when its 31 uniform bits are >= round(p · 2³¹), so the
 # realised drop probability is within 2⁻³² of p (finer than torch.rand's 24 bits).
 _MASK_BITS = 31
+# Up to this many elements the mask is one bernoulli_ call instead (same distribution, other numbers; the
+# choice depends only on the shape, so forward and backward still draw the same mask).
+_SMALL_MASK = 4096
 
 
 class TorchBackend:
@@ -26,6 +32,18 @@ class TorchBackend:
 
     def unavailable_reason(self, device: torch.device, dtype: torch.dtype | None = None) -> str | None:
         return None  # plain PyTorch ops run wherever tensors live
+
+    def __init__(self) -> None:
+        self._local = threading.local()
+
+    def _generator(self, device: torch.device) -> torch.Generator:
+        """One generator per device and thread, reseeded per call: making a generator costs more host time
+        than the mask of a small call."""
+        generators = self._local.__dict__.setdefault("generators", {})
+        gen = generators.get(device)
+        if gen is None:
+            gen = generators[device] = torch.Generator(device=device)
+        return gen
 
     def keep_mask(self, seed: torch.Tensor, shape: tuple[int, ...], dropout_p: float, device: torch.device) -> torch.Tensor:
         """Boolean keep-mask of ``shape`` (True = kept), a pure function of (seed, shape, p, device).
@@ -40,8 +58,13 @@ class TorchBackend:
         no bool-to-float conversion pass."""
         if device.type == "meta":  # shape propagation: there are no values to draw
             return torch.empty(shape, dtype=dtype, device=device)
-        gen = torch.Generator(device=device)
+        gen = self._generator(device)
         gen.manual_seed(int(seed.item()))
+        if math.prod(shape) <= _SMALL_MASK:
+            # Few elements: host time decides, and one bernoulli_ is two ops fewer than bits + compare. Drawn
+            # in fp32 whatever x's dtype, so the mask does not depend on it.
+            mask = torch.empty(shape, dtype=torch.float32, device=device).bernoulli_(1.0 - dropout_p, generator=gen)
+            return mask if dtype == torch.float32 else mask.to(dtype)
         bits = torch.empty(shape, dtype=torch.int32, device=device).random_(generator=gen)  # [0, 2³¹)
         return torch.ge(bits, round(dropout_p * (1 << _MASK_BITS)), out=torch.empty(shape, dtype=dtype, device=device))
 
@@ -62,23 +85,28 @@ class TorchBackend:
         """
         in_features, out_features, rank = x.shape[-1], weight.shape[0], lora_A.shape[0]
         lead = x.shape[:-1]
-        x2 = x.reshape(-1, in_features)
+        x2 = x.reshape(-1, in_features) if x.dim() != 2 else x
         # Adapters are often fp32 on a bf16/fp16 base: cast the (r × K, N × r) adapters, never x.
-        a = lora_A.to(x.dtype)
-        b = lora_B.to(x.dtype)
+        dtype = x.dtype
+        a = lora_A if lora_A.dtype == dtype else lora_A.to(dtype)
+        b = lora_B if lora_B.dtype == dtype else lora_B.to(dtype)
         if dropout_p > 0.0:
-            x_hat = self._keep(seed, x2.shape, dropout_p, x.device, x.dtype).mul_(x2)  # x ⊙ m, (M, K)
+            x_hat = self._keep(seed, x2.shape, dropout_p, x.device, dtype).mul_(x2)  # x ⊙ m, (M, K)
             shrink = torch.mm(x_hat, a.t()).mul_(1.0 / (1.0 - dropout_p))
             del x_hat
         else:
             shrink = torch.mm(x2, a.t())
-        scaled = shrink * scaling  # (M, r): scaling here costs M·r, on the product it would cost M·N
+        # y is allocated in its final shape and filled through a 2-D view, so that what we return is not a
+        # view (autograd forbids in-place ops on a custom Function's view outputs; F.linear's are not views).
+        # The scaling rides on the GEMM's alpha: no separate pass, no extra op's host time.
+        y = torch.empty((*lead, out_features), dtype=dtype, device=x.device)
+        y2 = y if y.dim() == 2 else y.view(-1, out_features)
         if bias is None:
-            y = torch.mm(scaled, b.t())
+            y2.addmm_(shrink, b.t(), beta=0, alpha=scaling)  # beta=0: y2's uninitialised values are ignored
         else:
-            y = torch.addmm(bias, scaled, b.t())
-        y.addmm_(x2, weight.t())
-        return y.view(*lead, out_features), shrink.view(*lead, rank)
+            torch.addmm(bias, shrink, b.t(), alpha=scaling, out=y2)
+        y2.addmm_(x2, weight.t())
+        return y, (shrink if x.dim() == 2 else shrink.view(*lead, rank))
 
     def backward(
         self,
@@ -99,19 +127,23 @@ class TorchBackend:
         """
         need_x, need_a, need_b, need_w, need_bias = needs
         in_features, out_features, rank = x.shape[-1], weight.shape[0], lora_A.shape[0]
-        g = grad_y.reshape(-1, out_features)
-        x2 = x.reshape(-1, in_features)
-        s2 = shrink.reshape(-1, rank)
-        a = lora_A.to(x.dtype)
-        b = lora_B.to(x.dtype)
-
-        d_shrink = torch.mm(g, b).mul_(scaling)  # dS = s·G·B, (M, r)
-        grad_b = torch.mm(g.t(), s2).mul_(scaling).to(lora_B.dtype) if need_b else None
+        flat = x.dim() == 2
+        g = grad_y if flat else grad_y.reshape(-1, out_features)
+        x2 = x if flat else x.reshape(-1, in_features)
+        s2 = shrink if flat else shrink.reshape(-1, rank)
+        dtype = x.dtype
+        a = lora_A if lora_A.dtype == dtype else lora_A.to(dtype)
+        b = lora_B if lora_B.dtype == dtype else lora_B.to(dtype)
 
         keep = None
         if dropout_p > 0.0:
-            keep = self._keep(seed, x2.shape, dropout_p, x.device, x.dtype)
-            d_shrink.mul_(1.0 / (1.0 - dropout_p))  # fold 1/(1-p) into the small factor
+            keep = self._keep(seed, x2.shape, dropout_p, x.device, dtype)
+        # dS = s·G·B (M, r), with dropout's 1/(1-p) folded into the same small factor.
+        d_shrink = torch.mm(g, b).mul_(scaling / (1.0 - dropout_p) if keep is not None else scaling)
+        grad_b = None
+        if need_b:
+            grad_b = torch.mm(g.t(), s2).mul_(scaling)
+            grad_b = grad_b if grad_b.dtype == lora_B.dtype else grad_b.to(lora_B.dtype)
 
         grad_x = None
         if need_x:
@@ -119,12 +151,13 @@ class TorchBackend:
             if keep is not None:
                 grad_x.mul_(keep)
             grad_x.addmm_(g, weight)  # + G·W, accumulated in the GEMM
-            grad_x = grad_x.view(x.shape)
+            grad_x = grad_x if flat else grad_x.view(x.shape)
 
         grad_a = None
         if need_a:
             x_hat = x2 if keep is None else keep.mul_(x2)  # the mask's last use: overwrite it with x ⊙ m
-            grad_a = torch.mm(d_shrink.t(), x_hat).to(lora_A.dtype)
+            grad_a = torch.mm(d_shrink.t(), x_hat)
+            grad_a = grad_a if grad_a.dtype == lora_A.dtype else grad_a.to(lora_A.dtype)
 
         grad_w = torch.mm(g.t(), x2) if need_w else None
         grad_bias = g.sum(0) if need_bias else None
