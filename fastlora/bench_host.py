@@ -10,6 +10,8 @@ repeat counts (the least disturbed by the rest of the machine). Forward, and for
 
 from __future__ import annotations
 
+import contextlib
+import os
 import time
 from collections.abc import Callable
 
@@ -18,7 +20,7 @@ import torch.nn as nn
 
 import fastlora
 
-__all__ = ["host_overhead", "to_markdown"]
+__all__ = ["host_overhead", "to_markdown", "stubbed_triton_launches", "triton_launch_overhead"]
 
 SHAPE = {"in_features": 16, "out_features": 8, "r": 2, "rows": 4}
 
@@ -95,3 +97,57 @@ def to_markdown(rows: list[dict]) -> str:
             cells += [f"{row['us_per_call']:.1f}", f"{row['vs_peft']:.2f}" if "vs_peft" in row else "-"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+@contextlib.contextmanager
+def stubbed_triton_launches():
+    """Run the Triton backend's host path on CPU tensors as if on a GPU, with every kernel launch replaced
+    by nothing: launchers, tables and allocations run, kernels do not. For measuring the host time of the
+    launch path (and checking it syncs nothing) on a machine without a GPU."""
+    from unittest import mock
+
+    from fastlora.backends import forget_resolved
+    from fastlora.kernels import _launch
+
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(mock.patch.object(_launch, "interpreting", lambda: False))  # the GPU launch path
+        stack.enter_context(mock.patch.object(_launch.Tunable, "_run", lambda *a, **k: None))
+        stack.enter_context(mock.patch.object(_launch, "capability", lambda device: 90))
+        stack.enter_context(mock.patch.object(torch.cuda, "current_device", lambda: 0))
+        stack.enter_context(mock.patch.dict(os.environ, {_launch.AUTOTUNE_ENV: "heuristic"}))
+        # The backend may be selected on CPU tensors (it checks for the interpreter there).
+        stack.enter_context(mock.patch("fastlora.backends.triton_backend.interpreting", lambda: True))
+        forget_resolved()
+        try:
+            yield
+        finally:
+            forget_resolved()
+
+
+def triton_launch_overhead(calls: int = 2000, repeats: int = 5, dropout: float = 0.1) -> dict[str, float]:
+    """Host µs per call of the Triton backend's forward and backward (kernel launches stubbed out), on the
+    tiny layer of ``host_overhead``, dropout on."""
+    from fastlora.backends import get_backend
+
+    k, n, r, m = SHAPE["in_features"], SHAPE["out_features"], SHAPE["r"], SHAPE["rows"]
+    x, w, b = torch.randn(m, k), torch.randn(n, k), torch.randn(n)
+    a, bb, g = torch.randn(r, k), torch.randn(n, r), torch.randn(m, n)
+    seed = torch.tensor([7])
+    needs = (True, True, True, False, False)
+    out = {}
+    with stubbed_triton_launches():
+        backend = get_backend("triton")
+        y, shrink = backend.forward(x, w, b, a, bb, 2.0, dropout, seed)
+        steps = {"forward": lambda: backend.forward(x, w, b, a, bb, 2.0, dropout, seed),
+                 "backward": lambda: backend.backward(g, x, w, a, bb, shrink, 2.0, dropout, seed, needs)}  # fmt: skip
+        for name, step in steps.items():
+            for _ in range(50):
+                step()
+            best = float("inf")
+            for _ in range(repeats):
+                start = time.perf_counter()
+                for _ in range(calls):
+                    step()
+                best = min(best, (time.perf_counter() - start) / calls * 1e6)
+            out[name] = best
+    return out

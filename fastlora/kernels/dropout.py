@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastlora.kernels._launch import interpreting
+from fastlora.kernels._launch import cdiv, interpreting
 
 __all__ = ["keep_threshold", "seed_pointer", "dropout_mask"]
 
@@ -70,7 +70,7 @@ def dropout_mask(seed: torch.Tensor, shape: tuple[int, ...], dropout_p: float, d
     m = out.numel() // k if k else 0
     if out.numel():
         block_m, block_k = (64, 128) if not interpreting() else (256, 64)  # the interpreter: few, big programs
-        grid = (triton.cdiv(m, block_m), triton.cdiv(k, block_k))
+        grid = (cdiv(m, block_m), cdiv(k, block_k))
         _dropout_mask_fwd_kernel[grid](out, seed, m, k, first_row, keep_threshold(dropout_p), BLOCK_M=block_m,
                                        BLOCK_K=block_k)  # fmt: skip
     return out.bool()

@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastlora.kernels._launch import Tunable, dot_precision, interpreting, rank_block
+from fastlora.kernels._launch import Tunable, cdiv, dot_precision, interpreting, rank_block, sm_count
 
 __all__ = ["lora_expand_bwd"]
 
@@ -92,8 +92,8 @@ _TARGET_PROGRAMS_PER_SM = 2
 def _col_splits(row_programs: int, n: int, device: torch.device) -> int:
     if device.type != "cuda":
         return 1 if n <= 64 else 2  # two splits under the interpreter, so tests cover the partial sums
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
-    return max(1, min(triton.cdiv(_TARGET_PROGRAMS_PER_SM * sms, row_programs), triton.cdiv(n, 256)))
+    sms = sm_count(device)
+    return max(1, min(cdiv(_TARGET_PROGRAMS_PER_SM * sms, row_programs), cdiv(n, 256)))
 
 
 def lora_expand_bwd(grad_y: torch.Tensor, lora_B: torch.Tensor, shrink: torch.Tensor,
@@ -111,12 +111,12 @@ def lora_expand_bwd(grad_y: torch.Tensor, lora_B: torch.Tensor, shrink: torch.Te
         return torch.zeros((0, r), device=grad_y.device, dtype=torch.float32), torch.zeros_like(lora_B)
     block_r = rank_block(r)
     block_m = 16 if interpreting() else _block_m(block_r)
-    splits = _col_splits(triton.cdiv(m, block_m), n, grad_y.device)
-    cols_per_split = triton.cdiv(n, splits)
+    splits = _col_splits(cdiv(m, block_m), n, grad_y.device)
+    cols_per_split = cdiv(n, splits)
     ds_partial = torch.empty((splits, m, r), device=grad_y.device, dtype=torch.float32)
-    db_partial = torch.empty((triton.cdiv(m, block_m), n, r), device=grad_y.device, dtype=torch.float32)
+    db_partial = torch.empty((cdiv(m, block_m), n, r), device=grad_y.device, dtype=torch.float32)
     _BWD.launch(
-        lambda meta: (triton.cdiv(m, block_m), splits, triton.cdiv(r, block_r)),
+        lambda meta: (cdiv(m, block_m), splits, cdiv(r, block_r)),
         grad_y, lora_B, shrink, ds_partial, db_partial,
         m, n, r, cols_per_split,
         grad_y.stride(0), grad_y.stride(1), lora_B.stride(0), lora_B.stride(1), shrink.stride(0), shrink.stride(1),

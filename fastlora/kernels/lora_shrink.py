@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastlora.kernels._launch import Tunable, dot_precision, rank_block
+from fastlora.kernels._launch import Tunable, cdiv, dot_precision, rank_block, sm_count
 from fastlora.kernels.dropout import keep, keep_threshold, seed_pointer
 
 __all__ = ["lora_shrink_fwd", "lora_shrink_bwd"]
@@ -141,7 +141,7 @@ def lora_shrink_fwd(x: torch.Tensor, lora_A: torch.Tensor, dropout_p: float, see
     block_r = rank_block(r, FWD_MAX_BLOCK_R)
     dropout = dropout_p > 0.0
     _FWD.launch(
-        lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(r, block_r)),
+        lambda meta: (cdiv(m, meta["BLOCK_M"]), cdiv(r, block_r)),
         x, lora_A, s, seed_pointer(seed, x),
         m, k, r, keep_threshold(dropout_p), 1.0 / (1.0 - dropout_p),
         x.stride(0), x.stride(1), lora_A.stride(0), lora_A.stride(1), s.stride(0), s.stride(1),
@@ -154,9 +154,9 @@ def _row_splits(m: int, k: int, device: torch.device) -> int:
     """How many row ranges dA is split into: enough programs to cover the GPU's SMs about twice."""
     if device.type != "cuda":
         return 1 if m <= 256 else 2
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
-    k_programs = triton.cdiv(k, 64)
-    return max(1, min(triton.cdiv(2 * sms, k_programs), triton.cdiv(m, 256)))
+    sms = sm_count(device)
+    k_programs = cdiv(k, 64)
+    return max(1, min(cdiv(2 * sms, k_programs), cdiv(m, 256)))
 
 
 def lora_shrink_bwd(x: torch.Tensor, d_shrink: torch.Tensor, lora_A: torch.Tensor, dropout_p: float,
@@ -176,12 +176,12 @@ def lora_shrink_bwd(x: torch.Tensor, d_shrink: torch.Tensor, lora_A: torch.Tenso
     if m == 0:
         return torch.zeros_like(lora_A)
     splits = _row_splits(m, k, x.device)
-    rows_per_split = triton.cdiv(m, splits)
+    rows_per_split = cdiv(m, splits)
     block_r = rank_block(r)
     partial = torch.empty((splits, r, k), device=x.device, dtype=torch.float32)
     dropout = dropout_p > 0.0
     _BWD.launch(
-        lambda meta: (triton.cdiv(k, meta["BLOCK_K"]), splits, triton.cdiv(r, block_r)),
+        lambda meta: (cdiv(k, meta["BLOCK_K"]), splits, cdiv(r, block_r)),
         x, d_shrink, partial, seed_pointer(seed, x),
         m, k, r, rows_per_split, keep_threshold(dropout_p), 1.0 / (1.0 - dropout_p),
         x.stride(0), x.stride(1), d_shrink.stride(0), d_shrink.stride(1),
