@@ -18,8 +18,11 @@ from fastlora.model import (
     unmerge,
 )
 from fastlora.peft_compat import accelerate
+from fastlora.tuning import load_tuning, save_tuning
 
 __version__ = "0.1.0"
+
+
 
 __all__ = [
     "BACKEND_NAMES",
@@ -33,9 +36,11 @@ __all__ = [
     "inject",
     "list_adapters",
     "load_adapter",
+    "load_tuning",
     "lora_linear",
     "merge",
     "save_adapter",
+    "save_tuning",
     "set_adapter",
     "set_backend",
     "trainable_parameters",

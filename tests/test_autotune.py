@@ -125,3 +125,14 @@ def test_driver_asked_once_per_device(monkeypatch):
         assert _launch.capability(torch.device("cuda", 0)) == 90
         assert _launch.sm_count(torch.device("cuda", 0)) == 132
     assert len(calls) == 2
+
+
+def test_public_tuning_functions(fresh_tables, tmp_path):
+    import fastlora
+
+    with pytest.raises(TypeError, match="path: expected a file path"):
+        fastlora.save_tuning(None)
+    fastlora.save_tuning(tmp_path / "t.json")
+    assert fastlora.load_tuning(tmp_path / "t.json") == 0  # nothing was tuned in this test
+    with pytest.raises(FileNotFoundError):
+        fastlora.load_tuning(tmp_path / "missing.json")
