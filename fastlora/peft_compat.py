@@ -29,86 +29,77 @@ def peft_lora_linear(
                   use_rslora=use_rslora)  # fmt: skip
 
 
-_FUSED_CLASS = None
-
-
-def _fused_peft_linear():
-    """A subclass of PEFT's LoRA ``Linear`` whose forward runs the fused op. PEFT's own methods (merge,
-    set_adapter, state_dict, ...) are inherited untouched; any case the fused path does not cover goes to
-    PEFT's forward."""
-    global _FUSED_CLASS
-    if _FUSED_CLASS is not None:
-        return _FUSED_CLASS
-    from peft.tuners.lora import Linear
-
-    from fastlora.functional import lora_linear
-
-    class FusedLoraLinear(Linear):
-        def forward(self, x, *args, **kwargs):
-            active = [a for a in self.active_adapters if a in self.lora_A]
-            if args or kwargs or self.disable_adapters or self.merged or not active or _unfusable(self):
-                return super().forward(x, *args, **kwargs)
-            base = self.get_base_layer()
-            weight = base.weight.t() if self.fan_in_fan_out else base.weight
-            first, *rest = active
-            y = lora_linear(x, weight, base.bias, self.lora_A[first].weight, self.lora_B[first].weight,
-                            self.scaling[first], _dropout_p(self.lora_dropout[first]), self.training)  # fmt: skip
-            for name in rest:  # further adapters as PEFT runs them
-                a = self.lora_A[name]
-                y = y + (self.lora_B[name](a(self.lora_dropout[name](x.to(a.weight.dtype)))) * self.scaling[name]).to(y.dtype)
-            return y
-
-    _FUSED_CLASS = FusedLoraLinear
-    return FusedLoraLinear
-
-
-def _dropout_p(module: nn.Module) -> float:
-    return float(module.p) if isinstance(module, nn.Dropout) else 0.0
-
-
-def _unfusable(layer: nn.Module) -> str | None:
-    """Why a PEFT LoRA Linear cannot run fused, or None."""
-    from fastlora.layers import is_conv1d
-
-    base = layer.get_base_layer()
-    if not (isinstance(base, nn.Linear) or is_conv1d(base)) or hasattr(base, "_hf_hook"):
-        return f"base layer {type(base).__name__}"
-    if getattr(layer, "lora_variant", None):
-        return "variant " + ", ".join(f"{k}: {type(v).__name__}" for k, v in layer.lora_variant.items())
-    if any(getattr(layer.lora_B[a], "bias", None) is not None for a in layer.lora_B):
-        return "lora_bias"
-    if any(not isinstance(d, (nn.Dropout, nn.Identity)) for d in layer.lora_dropout.values()):
-        return "custom dropout module"
-    return None
-
-
 def accelerate(peft_model: nn.Module) -> nn.Module:
     """Make an existing PEFT model run fastlora's fused op, in place.
 
-    Each of PEFT's plain LoRA ``Linear`` layers gets a forward that calls the fused op; its parameters,
-    state-dict keys and all of PEFT's API (``save_pretrained``, ``set_adapter``, ``merge_and_unload``, ...)
-    stay PEFT's. Layers fastlora does not fuse (DoRA and other variants, LoRA bias, quantised or offloaded
-    bases, embeddings, convolutions, ...) keep PEFT's forward, and one warning lists them.
+    Each of PEFT's plain LoRA ``Linear`` layers becomes a ``fastlora.peft_fused.FusedLoraLinear`` (a
+    subclass of PEFT's class, so ``isinstance`` checks hold) whose forward calls the fused op; its
+    parameters, state-dict keys and all of PEFT's API (``save_pretrained``, ``set_adapter``,
+    ``merge_and_unload``, ...) stay PEFT's, and the model still pickles. Layers fastlora does not fuse keep
+    PEFT's forward, and one warning lists them: DoRA and other variants, LoRA bias, quantised or offloaded
+    bases, embeddings, convolutions, and a LoRA layer stacked on another tuner's layer (LoHa, LoKr, ... in a
+    ``PeftMixedModel``), whose output is not x·Wᵀ + b. Whatever fastlora cannot fuse at call time (adapters
+    added later with a variant, merged or disabled adapters, ``adapter_names``, ...) also runs PEFT's forward.
+
+    All or nothing: every check runs before anything changes. Accelerating an accelerated model again is
+    fine (the same decisions are made again from the layers' current state).
+
+    Args:
+        peft_model: a PEFT model (``get_peft_model``, ``PeftModel.from_pretrained``, a ``PeftMixedModel``,
+            or any module holding PEFT tuner layers, as ``inject_adapter_in_model`` makes). A PEFT model
+            without LoRA ``Linear`` layers (prompt tuning, IA³, ...) is returned unchanged.
 
     Returns:
         ``peft_model`` itself.
+
+    Raises:
+        TypeError: ``peft_model`` is not an ``nn.Module``.
+        ValueError: ``peft_model`` is a module with no PEFT layers (nothing PEFT built).
+        ImportError: PEFT is not installed.
     """
     import warnings
 
-    from peft.tuners.lora import Linear
-    from peft.tuners.lora.layer import LoraLayer
+    if not isinstance(peft_model, nn.Module):
+        raise TypeError(
+            f"peft_model: expected a PEFT model (a torch.nn.Module, e.g. from peft.get_peft_model), "
+            f"got {type(peft_model).__name__}"
+        )
+    try:
+        from peft import PeftMixedModel, PeftModel
+        from peft.tuners.lora import Linear
+        from peft.tuners.lora.layer import LoraLayer
+        from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
+    except ImportError as e:
+        raise ImportError(f"fastlora.accelerate needs PEFT (pip install peft): {e}") from e
 
-    fused_class = _fused_peft_linear()
-    left = []
-    for name, module in peft_model.named_modules():
-        if type(module) is Linear or type(module) is fused_class:
-            reason = _unfusable(module)
-            if reason is None:
-                module.__class__ = fused_class
-            else:
+    from fastlora.peft_fused import FusedLoraLinear, layer_name, unfusable
+
+    modules = list(peft_model.named_modules())
+    if not isinstance(peft_model, (PeftModel, PeftMixedModel, BaseTuner)) and not any(
+        isinstance(m, BaseTunerLayer) for _, m in modules
+    ):
+        from fastlora.layers import LoRALinear
+
+        hint = (
+            ": its LoRA layers are fastlora's own LoRALinear, which run the fused op already"
+            if any(isinstance(m, LoRALinear) for _, m in modules)
+            else " (no layer of PEFT's tuners in it)"
+        )
+        name = type(peft_model).__name__
+        raise ValueError(f"peft_model: expected a PEFT model, got a {name} with no PEFT layers{hint}")
+
+    # Decide for every layer first, then change: nothing below can fail halfway.
+    plan, left = [], []
+    for name, module in modules:
+        if type(module) is Linear or type(module) is FusedLoraLinear:
+            reason = unfusable(module)
+            plan.append((module, FusedLoraLinear if reason is None else Linear))
+            if reason is not None:
                 left.append(f"{name} ({reason})")
         elif isinstance(module, LoraLayer):
-            left.append(f"{name} ({type(module).__name__})")
+            left.append(f"{name} ({layer_name(module)})")
+    for module, cls in plan:
+        module.__class__ = cls
     if left:
         warnings.warn(f"fastlora.accelerate left {len(left)} LoRA layers to PEFT: {'; '.join(left)}", stacklevel=2)
     return peft_model
