@@ -11,6 +11,12 @@
    the reference eager and under torch.compile, fastlora's "torch" and "triton" backends. Median of
    triton.testing.do_bench; peak memory and saved activations per forward+backward; then the ratios against
    the targets.
+3. The GEMM main loops alone: each fused GEMM with its rank-r prologue switched off (rank 0, the same kernel
+   that runs with LoRA on) against PyTorch's GEMM (cuBLAS) on the same operands and shapes (Llama-2-7B q,
+   gate and down, M = 4096, bf16): Y = x·Wᵀ against F.linear, dX = G·W against torch.mm; the ratio is the
+   main loop's own gap, and the row says which main loop ran (TMA on sm_90, else pointers).
+4. CUDA graph capture: forward+backward of a LoRALinear on the triton backend captured and replayed,
+   against eager calls with the same seed (the path has no host sync; tests/test_no_host_sync.py).
 
 Usage: python benchmarks/gpu_check.py OUT_DIR [--quick]
 Writes OUT_DIR/gpu_check.json and OUT_DIR/gpu_check.md and prints the table last. ``--quick`` runs small
@@ -29,10 +35,11 @@ import traceback
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 import fastlora
 from fastlora.backends import backend_status
-from fastlora.bench import environment, grid, run
+from fastlora.bench import environment, grid, layer_shapes, median_ms, run
 from fastlora.bench import to_markdown as bench_table
 from fastlora.testing import check_case, make_case
 
@@ -118,6 +125,101 @@ def _points(quick: bool, device: torch.device) -> list[dict]:
                 dtypes=[torch.bfloat16], dropouts=[0.0, 0.05])  # fmt: skip
 
 
+def main_loop_gap(device: torch.device, backends: list[str], quick: bool, rounds: int) -> list[dict]:
+    """The fused GEMMs with rank 0 (their rank loop takes no step, nothing else changes) against PyTorch's
+    GEMM on the same operands, each checked against it first (outputs poisoned beforehand), then timed
+    interleaved; medians over the rounds. One row per (layer, GEMM)."""
+    if "triton" not in backends:
+        return [{"gemm": "all", "skipped": "the triton backend cannot run here"}]
+    from fastlora.kernels.lora_linear import lora_linear_bwd, lora_linear_fwd, uses_tma
+
+    if quick:  # through the interpreter on a CPU: tiny, and shaped so that TMA can take it on every Triton
+        shapes, m, dtype = {"quick": (96, 80)}, 64, torch.float16
+    else:
+        shapes = {layer: layer_shapes("Llama-2-7B")[layer] for layer in ("q", "gate", "down")}
+        m, dtype = 4096, torch.bfloat16
+    rows = []
+    for layer, (k, n) in shapes.items():
+        g = torch.Generator(device=device).manual_seed(0)
+        x = torch.randn(m, k, device=device, dtype=dtype, generator=g)
+        w = torch.randn(n, k, device=device, dtype=dtype, generator=g) / k**0.5
+        grad_y = torch.randn(m, n, device=device, dtype=dtype, generator=g)
+        # Rank 0 as empty views of allocated tensors, so that every pointer argument points somewhere.
+        no_shrink, no_b, no_a = x[:, :0], w[:, :0], w[:0]
+        no_d_shrink = torch.empty((m, 1), device=device, dtype=torch.float32)[:, :0]
+        gemms = [
+            ("Y = x·Wᵀ", uses_tma(x, w), 2 * m * n * k,
+             lambda: lora_linear_fwd(x, w, None, no_shrink, no_b, 1.0), lambda: F.linear(x, w)),
+            ("dX = G·W", uses_tma(grad_y, w), 2 * m * n * k,
+             lambda: lora_linear_bwd(grad_y, w, no_d_shrink, no_a, 0.0, None), lambda: torch.mm(grad_y, w)),
+        ]  # fmt: skip
+        for name, tma, flops, ours, theirs in gemms:
+            row = {"layer": f"{layer} {k}->{n}", "gemm": name, "m": m, "dtype": str(dtype).removeprefix("torch."),
+                   "main_loop": "TMA" if tma else "pointers"}  # fmt: skip
+            rows.append(row)
+            try:
+                _poison(device)
+                got, want = ours().float(), theirs().float()
+                row["check_rel_err"] = ((got - want).abs().max() / want.abs().max().clamp_min(1e-30)).item()
+                if not row["check_rel_err"] <= (1e-5 if dtype == torch.float32 else 1e-2):
+                    raise AssertionError(f"rank-0 output off PyTorch's by {row['check_rel_err']:.3g}")
+                times: dict[str, list[float]] = {"fused_ms": [], "torch_ms": []}
+                for _ in range(rounds):
+                    times["fused_ms"].append(median_ms(ours, device))
+                    times["torch_ms"].append(median_ms(theirs, device))
+                row.update({key: sorted(v)[len(v) // 2] for key, v in times.items()})
+                row["ratio"] = row["fused_ms"] / row["torch_ms"]
+                row["fused_tflops"] = flops / row["fused_ms"] / 1e9
+            except Exception as err:  # a failure is a result to report
+                row["error"] = f"{type(err).__name__}: {err}"[:500]
+    return rows
+
+
+def graph_capture(device: torch.device, backends: list[str]) -> list[dict]:
+    """Forward+backward of a LoRALinear (triton backend, dropout on) captured in a CUDA graph and replayed:
+    the replay must give what eager calls give (same seed drawn inside the graph: the generator's offset is
+    captured). Not run off a GPU (a row says so)."""
+    if device.type != "cuda" or "triton" not in backends:
+        return [{"case": "CUDA graph capture", "skipped": "needs a CUDA device with the triton backend"}]
+    rows = []
+    for dropout in (0.0, 0.1):
+        try:
+            torch.manual_seed(0)
+            with fastlora.use_backend("triton"):
+                layer = fastlora.LoRALinear(1024, 1024, r=16, lora_dropout=dropout, device=device, dtype=torch.bfloat16)
+                with torch.no_grad():
+                    layer.lora_B["default"].normal_()
+                x = torch.randn(64, 1024, device=device, dtype=torch.bfloat16, requires_grad=True)
+                stream = torch.cuda.Stream()
+                stream.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(stream):  # warm-up on a side stream: tuning and compiling happen here
+                    for _ in range(3):
+                        layer(x).float().sum().backward()
+                torch.cuda.current_stream().wait_stream(stream)
+                graph = torch.cuda.CUDAGraph()
+                x.grad = None
+                layer.zero_grad(set_to_none=True)
+                with torch.cuda.graph(graph):
+                    y = layer(x)
+                    y.float().sum().backward()
+                torch.manual_seed(1)
+                graph.replay()
+                torch.cuda.synchronize()
+                got = (y.detach().clone(), x.grad.clone(), layer.lora_A["default"].grad.clone())
+                torch.manual_seed(1)  # the same seed, eagerly: the replay drew its seed from this generator state
+                x2 = x.detach().clone().requires_grad_()
+                layer.zero_grad(set_to_none=True)
+                y2 = layer(x2)
+                y2.float().sum().backward()
+                want = (y2.detach(), x2.grad, layer.lora_A["default"].grad)
+            same = all(torch.equal(a, b) for a, b in zip(got, want))
+            rows.append({"case": f"CUDA graph capture, dropout {dropout}", "ok": same,
+                         **({} if same else {"error": "replay differs from eager calls"})})  # fmt: skip
+        except Exception as err:
+            rows.append({"case": f"CUDA graph capture, dropout {dropout}", "ok": False, "error": f"{type(err).__name__}: {err}"})
+    return rows
+
+
 def _ratios(rows: list[dict]) -> list[dict]:
     """Per grid point: the fused backend's ratios to the floor and to PEFT, and the targets that apply."""
     out = []
@@ -150,6 +252,23 @@ def to_markdown(result: dict) -> str:
     def f(v, spec):
         return "n/a" if v is None else format(v, spec)
 
+    gap = result.get("main_loop_gap", [])
+    if gap:
+        lines += ["", "Main loop alone: the fused GEMM at rank 0 against PyTorch's GEMM on the same operands "
+                  "(ratio > 1: slower than cuBLAS).", "",
+                  "| layer | GEMM | M | dtype | main loop | fused ms | torch ms | fused / torch | fused TFLOP/s |",
+                  "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+        for g in gap:
+            if "skipped" in g or "error" in g:
+                lines.append(f"| {g.get('layer', '')} | {g['gemm']} | | | {g.get('main_loop', '')} | "
+                             f"{g.get('skipped') or 'FAILED ' + g['error']} | | | |")  # fmt: skip
+                continue
+            lines.append(f"| {g['layer']} | {g['gemm']} | {g['m']} | {g['dtype']} | {g['main_loop']} | "
+                         f"{g['fused_ms']:.3f} | {g['torch_ms']:.3f} | {g['ratio']:.3f} | "
+                         f"{g['fused_tflops']:.0f} |")  # fmt: skip
+
+    for g in result.get("graph_capture", []):
+        lines.append(f"- {g['case']}: " + (g["skipped"] if "skipped" in g else "same as eager" if g["ok"] else "FAILED " + g["error"]))
     lines += ["", "| layer | p | variant | fwd / floor | fwd+bwd / floor (target) | speed-up over PEFT, fwd+bwd (target) |",
               "|---|---|---|---|---|---|"]  # fmt: skip
     for q in result["ratios"]:
@@ -174,11 +293,15 @@ def main(argv: list[str] | None = None) -> int:
         result["numerics"] = check_numerics(device, backends, args.quick)
         result["timings"] = run(_points(args.quick, device), device, backends, progress=False, rounds=1 if args.quick else 3)
         result["ratios"] = _ratios(result["timings"])
+        result["main_loop_gap"] = main_loop_gap(device, backends, args.quick, rounds=1 if args.quick else 3)
+        result["graph_capture"] = graph_capture(device, backends)
     except Exception:
         result["crash"] = traceback.format_exc()
         result.setdefault("numerics", [])
         result.setdefault("timings", [])
         result.setdefault("ratios", [])
+        result.setdefault("main_loop_gap", [])
+        result.setdefault("graph_capture", [])
     result["seconds"] = time.time() - start
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "gpu_check.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
@@ -187,7 +310,9 @@ def main(argv: list[str] | None = None) -> int:
     if "crash" in result:
         print(result["crash"], file=sys.stderr)
     print(table)
-    return 1 if "crash" in result or not all(c["ok"] for c in result["numerics"]) else 0
+    failed = (not all(c["ok"] for c in result["numerics"]) or any("error" in g for g in result["main_loop_gap"])
+              or any("error" in g for g in result["graph_capture"]))  # fmt: skip
+    return 1 if "crash" in result or failed else 0
 
 
 if __name__ == "__main__":

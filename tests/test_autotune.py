@@ -18,6 +18,8 @@ from fastlora.kernels._launch import load_tuning, m_bucket, save_tuning  # noqa:
 KERNELS = [
     (lora_linear._FWD, {"HAS_BIAS": True, "DOT_PRECISION": "ieee", "BLOCK_R": 16}, {"N": 4096, "K": 4096, "R": 16}),
     (lora_linear._BWD, {"DROPOUT": True, "DOT_PRECISION": "ieee", "BLOCK_R": 16}, {"N": 4096, "K": 4096, "R": 16}),
+    (lora_linear._FWD_TMA, {"HAS_BIAS": True, "DOT_PRECISION": "ieee", "BLOCK_R": 16}, {"N": 4096, "K": 4096, "R": 16}),
+    (lora_linear._BWD_TMA, {"DROPOUT": True, "DOT_PRECISION": "ieee", "BLOCK_R": 16}, {"N": 4096, "K": 4096, "R": 16}),
     (lora_shrink._FWD, {"DROPOUT": False, "DOT_PRECISION": "ieee", "BLOCK_R": 16}, {"K": 4096, "R": 16}),
     (lora_shrink._BWD, {"DROPOUT": True, "DOT_PRECISION": "ieee", "BLOCK_R": 16}, {"K": 4096, "R": 16}),
     (lora_expand._BWD, {"DOT_PRECISION": "ieee", "BLOCK_M": 256, "BLOCK_R": 16}, {"N": 11008, "R": 16}),

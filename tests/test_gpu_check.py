@@ -20,4 +20,11 @@ def test_gpu_check_quick(tmp_path):
         for p in (0.0, 0.05):
             assert "fwd_bwd_ms" in rows[name, p], rows[name, p]
     assert len(result["ratios"]) == 2 and all(q["speedup_vs_peft"] for q in result["ratios"])
+    gap = result["main_loop_gap"]  # the GEMMs at rank 0 against PyTorch's: checked, timed, main loop named
+    assert gap and not any("error" in g for g in gap), gap
+    if "triton" in result["backends"]:
+        assert [g["gemm"] for g in gap] == ["Y = x·Wᵀ", "dX = G·W"]
+        assert all(g["ratio"] > 0 and g["main_loop"] in ("TMA", "pointers") for g in gap), gap
+    capture = result["graph_capture"]  # a GPU-only part: off a GPU, one row says it was not run and why
+    assert capture and all("skipped" in g or g["ok"] for g in capture), capture
     assert proc.stdout.rstrip().splitlines()[-1].startswith("Targets:")  # the table comes last

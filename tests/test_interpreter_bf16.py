@@ -41,8 +41,10 @@ def assert_bits_equal(got: torch.Tensor, want: torch.Tensor, what: str = "") -> 
 # Every launcher: bf16 run against the fp32 run on the same bf16-rounded values.
 
 # (M, K, N, R), odd. The first has two column splits in lora_expand_bwd (N > 64) and two rank steps in the
-# lora_linear prologues (R > 16); the second has two row splits in lora_shrink_bwd (M > 256).
-SHAPES = [(45, 37, 70, 19), (261, 21, 13, 3)]
+# lora_linear prologues (R > 16); the second has two row splits in lora_shrink_bwd (M > 256); the third
+# runs both lora_linear GEMMs through their TMA kernels (K and N multiples of 16; the others take the
+# pointer kernels).
+SHAPES = [(45, 37, 70, 19), (261, 21, 13, 3), (45, 48, 80, 19)]
 
 
 def _tensors(m, k, n, r):

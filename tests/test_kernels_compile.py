@@ -1,8 +1,9 @@
 """Ahead-of-time compilation of every Triton kernel variant for sm_90 (H100/H200) and sm_80 (A100).
 
 What the interpreter cannot show: each config compiles for the real targets, fits in shared memory, does
-not spill registers, and the GEMMs use Hopper's wgmma. No GPU is needed. Compiling runs in a process pool,
-so it does not need TRITON_INTERPRET either way (the pool's workers compile, they launch nothing).
+not spill registers, the GEMMs use Hopper's wgmma, and their sm_90 kernels load through TMA. No GPU is
+needed. Compiling runs in a process pool, so it does not need TRITON_INTERPRET either way (the pool's
+workers compile, they launch nothing).
 """
 
 from __future__ import annotations
@@ -66,3 +67,14 @@ def test_gemms_use_wgmma_on_sm90(reports):
                if r and arch == 90 and r.gemm and r.block_m >= 64
                and not r.wgmma]  # fmt: skip
     assert not missing, "\n".join(missing)
+
+
+def test_tma_gemms_load_through_tma_into_wgmma_on_sm90(reports):
+    """The sm_90 main loop contiguous inputs take (both GEMMs, every config, fp16/bf16/tf32): tiles arrive by
+    TMA (cp.async.bulk.tensor) and feed wgmma. Both kernels must be among the variants."""
+    tma = [(name, r) for arch, name, r, _ in reports if r and arch == 90 and r.tma_kernel]
+    kernels = {name.split("[")[0] for name, _ in tma}
+    assert kernels == {"_lora_linear_fwd_tma_kernel", "_lora_linear_bwd_tma_kernel"}, kernels
+    missing = [f"{name}: wgmma {r.wgmma}, TMA {r.tma}" for name, r in tma if not (r.wgmma and r.tma)]
+    assert not missing, "\n".join(missing)
+    assert not any(r.tma_kernel for arch, _, r, _ in reports if r and arch < 90), "TMA kernels are sm_90+ only"

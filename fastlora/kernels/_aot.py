@@ -2,7 +2,8 @@
 
 ``variants()`` lists each kernel with each config its launcher can pick and each flag it can set;
 ``compile_variant`` compiles one for a target (``GPUTarget("cuda", 90, 32)`` is an H100/H200) and reports
-what the interpreter cannot show: shared memory, registers, spills, and whether the PTX uses wgmma.
+what the interpreter cannot show: shared memory, registers, spills, and whether the PTX uses wgmma and TMA
+(``cp.async.bulk.tensor``).
 ``tests/test_kernels_compile.py`` runs this on every CI run; ``python -m fastlora.kernels._aot`` prints a
 table.
 """
@@ -46,6 +47,11 @@ class Variant:
     contiguous: bool = True  # specialised as a launch on contiguous tensors is (see _specialisation)
 
     @property
+    def tma(self) -> bool:
+        """A kernel whose inputs arrive through TMA descriptors (its arguments named ``*_desc``)."""
+        return any(name.endswith("_desc") for name in self.tunable.kernel.arg_names)
+
+    @property
     def name(self) -> str:
         kw = ",".join(f"{k}={v}" for k, v in (*self.config.kwargs.items(), *self.flags))
         cfg = f"w{self.config.num_warps}s{self.config.num_stages}"
@@ -66,6 +72,8 @@ class Report:
     registers: int
     spill_bytes: int
     wgmma: bool
+    tma_kernel: bool  # launched with TMA descriptors: its PTX must load through TMA
+    tma: bool  # the PTX has cp.async.bulk.tensor (a TMA copy)
 
 
 def _specialisation(kernel, contiguous: bool) -> tuple[dict[str, int], dict[tuple[int], list]]:
@@ -82,11 +90,19 @@ def _specialisation(kernel, contiguous: bool) -> tuple[dict[str, int], dict[tupl
     return {n: 1 for n in inner}, attrs
 
 
-def _signature(kernel, dtype: str, adapter_dtype: str) -> dict[str, str]:
+def _boxes(variant: Variant) -> dict[str, list[int]]:
+    """The box of each descriptor argument under the variant's config, as its launcher sets it."""
+    boxes = lora_linear.TMA_BOXES.get(variant.tunable)
+    return boxes(variant.config.kwargs) if boxes else {}
+
+
+def _signature(kernel, dtype: str, adapter_dtype: str, boxes: dict[str, list[int]]) -> dict[str, str]:
     sig = {}
     for i, name in enumerate(kernel.arg_names):
         if i in kernel.constexprs:
             sig[name] = "constexpr"
+        elif name in boxes:  # what the JIT makes of a host-side TensorDescriptor
+            sig[name] = f"tensordesc<{_TRITON_TYPES[dtype]}{boxes[name]}>"
         elif name in _DATA_POINTERS:
             sig[name] = "*" + _TRITON_TYPES[dtype]
         elif name in _ADAPTER_POINTERS:
@@ -108,6 +124,8 @@ def _signature(kernel, dtype: str, adapter_dtype: str) -> dict[str, str]:
 _KERNELS = [
     (lora_linear._FWD, {"HAS_BIAS": [False, True], "BLOCK_R": [lora_linear.PROLOGUE_BLOCK_R]}, True),
     (lora_linear._BWD, {"DROPOUT": [False, True], "BLOCK_R": [lora_linear.PROLOGUE_BLOCK_R]}, True),
+    (lora_linear._FWD_TMA, {"HAS_BIAS": [False, True], "BLOCK_R": [lora_linear.PROLOGUE_BLOCK_R]}, True),
+    (lora_linear._BWD_TMA, {"DROPOUT": [False, True], "BLOCK_R": [lora_linear.PROLOGUE_BLOCK_R]}, True),
     (lora_shrink._FWD, {"DROPOUT": [False, True], "BLOCK_R": [16, 32, lora_shrink.FWD_MAX_BLOCK_R]}, False),
     (lora_shrink._BWD, {"DROPOUT": [False, True], "BLOCK_R": [16, 32, 64, 128, 256]}, False),
     (lora_expand._BWD, {"BLOCK_R": [16, 32, 64, 128, 256]}, False),
@@ -126,7 +144,8 @@ def variants(arch: int) -> list[Variant]:
     sm_90: every config of every kernel in each dtype, with fp32 adapters (converted in registers: the
     heavier case) and the heaviest flags that config can be launched with (largest rank tile, dropout on);
     then every other flag combination, adapters in the base dtype, and strided (unspecialised) tensors,
-    each on the kernel's first config. sm_80: every config with its heaviest flags, in bf16.
+    each on the kernel's first config. sm_80: every config with its heaviest flags, in bf16 (the GEMMs' TMA
+    kernels have none: they launch on sm_90 and newer only).
     """
     dtypes = ("float16", "bfloat16", "float32") if arch >= 90 else ("bfloat16",)
     out = []
@@ -177,14 +196,16 @@ def compile_variant(variant: Variant, arch: int) -> Report:
     ones, attrs = _specialisation(kernel, variant.contiguous)
     constexprs = {**variant.config.kwargs, **flags, **_extra_constexprs(variant.tunable, flags),
                   "DOT_PRECISION": precision, **ones}  # fmt: skip
-    signature = _signature(kernel, variant.dtype, variant.adapter_dtype)
+    signature = _signature(kernel, variant.dtype, variant.adapter_dtype, _boxes(variant))
     signature.update({n: "constexpr" for n in ones})
     src = ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
     options = {"num_warps": variant.config.num_warps, "num_stages": variant.config.num_stages}
     compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
     registers, stack = _resources(compiled.asm["cubin"])
+    ptx = compiled.asm["ptx"]
     return Report(variant.name, variant.contiguous, variant.gemm, variant.config.kwargs.get("BLOCK_M", 0), arch,
-                  compiled.metadata.shared, registers, stack, "wgmma" in compiled.asm["ptx"])  # fmt: skip
+                  compiled.metadata.shared, registers, stack, "wgmma" in ptx, variant.tma,
+                  "cp.async.bulk.tensor" in ptx)  # fmt: skip
 
 
 def main() -> int:
@@ -192,7 +213,7 @@ def main() -> int:
         for variant in variants(arch):
             r = compile_variant(variant, arch)
             print(f"sm_{arch} regs {r.registers:3d} spill {r.spill_bytes:4d} smem {r.shared:6d} "
-                  f"wgmma {int(r.wgmma)} {variant.name}", flush=True)  # fmt: skip
+                  f"wgmma {int(r.wgmma)} tma {int(r.tma)} {variant.name}", flush=True)  # fmt: skip
     return 0
 
 

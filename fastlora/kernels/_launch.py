@@ -123,6 +123,9 @@ class Tunable:
     ``m_bucket``): filled on a bucket's first call ($FASTLORA_AUTOTUNE: "tune" or "heuristic"), saved and
     reloaded with ``save_tuning`` / ``load_tuning``. A launch then costs a dict lookup: no driver query, no
     sorting, no per-call dict building. Launchers pass their flags in a fixed order.
+
+    ``grid(meta)`` is evaluated immediately before each launch with that config (timing runs included):
+    launchers may set per-config state there, such as the block shape of a TMA descriptor.
     """
 
     def __init__(self, kernel, configs: Callable[[dict, int, int], Sequence[triton.Config]], key: list[str],

@@ -3,38 +3,104 @@
 Forward:   Y  = x·Wᵀ + b + s·S·Bᵀ             (M × N, reduction over K)
 Backward:  dX = G·W + (dS·A) ⊙ m / (1 − p)     (M × K, reduction over N)
 
-Each program starts its accumulator with the rank-r product (a short loop over the rank, ≤ 256), masks and
+Each tile starts its accumulator with the rank-r product (a short loop over the rank, ≤ 256), masks and
 scales it, then runs the main loop on top of it, so the LoRA term costs no extra pass over Y or dX and no
-second accumulator. Programs are ordered in groups of GROUP_M row blocks so that neighbouring programs share
-the same W tiles in L2 (Triton tutorial 03).
+second accumulator. Tiles are ordered in groups of GROUP_M row blocks so that neighbouring tiles share the
+same W tiles in L2 (Triton tutorial 03).
+
+One GEMM per direction, two main loops around the same parts (tile order, prologue, epilogue):
+- TMA (``_lora_linear_*_tma_kernel``, sm_90 and newer, inputs a TMA descriptor can take, see ``uses_tma``):
+  input tiles arrive by TMA into shared memory, wgmma reads them there; persistent (Triton tutorial 09).
+- pointers (``_lora_linear_*_kernel``): any strides; sm_80, and sm_90 when TMA cannot take the inputs.
 
 Shapes: x (M, K), W (N, K), b (N,), S (M, R), B (N, R), G (M, N), dS (M, R) fp32, A (R, K); any strides.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
-from fastlora.kernels._launch import Tunable, dot_precision
+from fastlora.kernels import _launch
+from fastlora.kernels._launch import Tunable, cdiv, dot_precision, triton_version
 from fastlora.kernels.dropout import keep, keep_threshold, seed_pointer
 
-__all__ = ["lora_linear_fwd", "lora_linear_bwd"]
+__all__ = ["lora_linear_fwd", "lora_linear_bwd", "uses_tma"]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The parts both main loops share: tile order, the rank-r prologue, the epilogue.
 
 
 @triton.jit
-def _grouped_tile(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
-    """Program id -> (row block, column block), GROUP_M row blocks at a time for L2 reuse."""
-    pid = tl.program_id(0)
+def _grouped_tile(tile, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """Tile index -> (row block, column block), GROUP_M row blocks at a time for L2 reuse."""
     num_m = tl.cdiv(M, BLOCK_M)
     num_n = tl.cdiv(N, BLOCK_N)
     per_group = GROUP_M * num_n
-    first_m = (pid // per_group) * GROUP_M
+    first_m = (tile // per_group) * GROUP_M
     group_size = tl.minimum(num_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % per_group) % group_size
-    pid_n = (pid % per_group) // group_size
+    pid_m = first_m + (tile % per_group) % group_size
+    pid_n = (tile % per_group) // group_size
     return pid_m, pid_n
+
+
+@triton.jit
+def _fwd_prologue(s_ptr, b_ptr, rm, rn, M, N, R, scaling, stride_sm, stride_sr, stride_bn, stride_br,
+                  DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_R: tl.constexpr,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, RANK_STAGES: tl.constexpr):  # fmt: skip
+    """s·S·Bᵀ on rows rm and columns rn: the accumulator the forward main loop starts from. RANK_STAGES
+    pipelines the rank loop (None: as deep as the main loop)."""
+    rm64 = rm.to(tl.int64)
+    rn64 = rn.to(tl.int64)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for r0 in tl.range(0, R, BLOCK_R, num_stages=RANK_STAGES):
+        rr = r0 + tl.arange(0, BLOCK_R)
+        s = tl.load(s_ptr + rm64[:, None] * stride_sm + rr[None, :] * stride_sr,
+                    mask=(rm[:, None] < M) & (rr[None, :] < R), other=0.0)  # fmt: skip
+        b_t = tl.load(b_ptr + rn64[None, :] * stride_bn + rr[:, None] * stride_br,
+                      mask=(rn[None, :] < N) & (rr[:, None] < R), other=0.0)  # fmt: skip
+        acc = tl.dot(s.to(DTYPE), b_t.to(DTYPE), acc, input_precision=DOT_PRECISION)
+    return acc * scaling
+
+
+@triton.jit
+def _bwd_prologue(ds_ptr, a_ptr, seed_ptr, rm, rk, col0, M, K, R, threshold, inv_keep,
+                  stride_dsm, stride_dsr, stride_ar, stride_ak,
+                  DTYPE: tl.constexpr, DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_R: tl.constexpr,
+                  BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, RANK_STAGES: tl.constexpr):  # fmt: skip
+    """(dS·A) ⊙ m / (1 − p) on rows rm and columns rk (rk = col0 + arange): the dX main loop's start."""
+    rm64 = rm.to(tl.int64)
+    rk64 = rk.to(tl.int64)
+    acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+    for r0 in tl.range(0, R, BLOCK_R, num_stages=RANK_STAGES):
+        rr = r0 + tl.arange(0, BLOCK_R)
+        ds = tl.load(ds_ptr + rm64[:, None] * stride_dsm + rr[None, :] * stride_dsr,
+                     mask=(rm[:, None] < M) & (rr[None, :] < R), other=0.0)  # fmt: skip
+        a = tl.load(a_ptr + rr[:, None] * stride_ar + rk64[None, :] * stride_ak,
+                    mask=(rr[:, None] < R) & (rk[None, :] < K), other=0.0)  # fmt: skip
+        acc = tl.dot(ds.to(DTYPE), a.to(DTYPE), acc, input_precision=DOT_PRECISION)
+    if DROPOUT:
+        kept = keep(tl.load(seed_ptr), rm64, col0, K, threshold, BLOCK_M, BLOCK_K)
+        acc = acc * (kept.to(tl.float32) * inv_keep)
+    return acc
+
+
+@triton.jit
+def _epilogue(acc, out_ptr, bias_ptr, rm, rn, M, N, stride_om, stride_on, HAS_BIAS: tl.constexpr):
+    """Adds the bias (over columns) when there is one and stores the tile once, in the output's dtype."""
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
+    tl.store(out_ptr + rm.to(tl.int64)[:, None] * stride_om + rn.to(tl.int64)[None, :] * stride_on,
+             acc.to(out_ptr.dtype.element_ty), mask=(rm[:, None] < M) & (rn[None, :] < N))  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Pointer main loop (any strides; sm_80, and sm_90 when TMA cannot take the inputs): one program a tile.
 
 
 @triton.jit
@@ -45,21 +111,13 @@ def _lora_linear_fwd_kernel(
     HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_R: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):  # fmt: skip
-    pid_m, pid_n = _grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    pid_m, pid_n = _grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rm64 = rm.to(tl.int64)
     rn64 = rn.to(tl.int64)
-    dtype = x_ptr.dtype.element_ty
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for r0 in range(0, R, BLOCK_R):  # s·S·Bᵀ first
-        rr = r0 + tl.arange(0, BLOCK_R)
-        s = tl.load(s_ptr + rm64[:, None] * stride_sm + rr[None, :] * stride_sr,
-                    mask=(rm[:, None] < M) & (rr[None, :] < R), other=0.0)  # fmt: skip
-        b_t = tl.load(b_ptr + rn64[None, :] * stride_bn + rr[:, None] * stride_br,
-                      mask=(rn[None, :] < N) & (rr[:, None] < R), other=0.0)  # fmt: skip
-        acc = tl.dot(s.to(dtype), b_t.to(dtype), acc, input_precision=DOT_PRECISION)
-    acc = acc * scaling
+    acc = _fwd_prologue(s_ptr, b_ptr, rm, rn, M, N, R, scaling, stride_sm, stride_sr, stride_bn, stride_br,
+                        x_ptr.dtype.element_ty, DOT_PRECISION, BLOCK_R, BLOCK_M, BLOCK_N, None)  # fmt: skip
     for k0 in range(0, K, BLOCK_K):  # + x·Wᵀ on top
         rk = k0 + tl.arange(0, BLOCK_K)
         x = tl.load(x_ptr + rm64[:, None] * stride_xm + rk[None, :] * stride_xk,
@@ -67,10 +125,7 @@ def _lora_linear_fwd_kernel(
         w_t = tl.load(w_ptr + rn64[None, :] * stride_wn + rk[:, None] * stride_wk,
                       mask=(rn[None, :] < N) & (rk[:, None] < K), other=0.0)  # fmt: skip
         acc = tl.dot(x, w_t, acc, input_precision=DOT_PRECISION)
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
-    tl.store(y_ptr + rm64[:, None] * stride_ym + rn64[None, :] * stride_yn, acc.to(y_ptr.dtype.element_ty),
-             mask=(rm[:, None] < M) & (rn[None, :] < N))  # fmt: skip
+    _epilogue(acc, y_ptr, bias_ptr, rm, rn, M, N, stride_ym, stride_yn, HAS_BIAS)
 
 
 @triton.jit
@@ -83,23 +138,14 @@ def _lora_linear_bwd_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):  # fmt: skip
     """dX tile (BLOCK_M × BLOCK_K); the reduction runs over N in steps of BLOCK_N."""
-    pid_m, pid_k = _grouped_tile(M, K, BLOCK_M, BLOCK_K, GROUP_M)
+    pid_m, pid_k = _grouped_tile(tl.program_id(0), M, K, BLOCK_M, BLOCK_K, GROUP_M)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rk = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
     rm64 = rm.to(tl.int64)
     rk64 = rk.to(tl.int64)
-    dtype = g_ptr.dtype.element_ty
-    acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
-    for r0 in range(0, R, BLOCK_R):  # dS·A first
-        rr = r0 + tl.arange(0, BLOCK_R)
-        ds = tl.load(ds_ptr + rm64[:, None] * stride_dsm + rr[None, :] * stride_dsr,
-                     mask=(rm[:, None] < M) & (rr[None, :] < R), other=0.0)  # fmt: skip
-        a = tl.load(a_ptr + rr[:, None] * stride_ar + rk64[None, :] * stride_ak,
-                    mask=(rr[:, None] < R) & (rk[None, :] < K), other=0.0)  # fmt: skip
-        acc = tl.dot(ds.to(dtype), a.to(dtype), acc, input_precision=DOT_PRECISION)
-    if DROPOUT:
-        kept = keep(tl.load(seed_ptr), rm64, pid_k * BLOCK_K, K, threshold, BLOCK_M, BLOCK_K)
-        acc = acc * (kept.to(tl.float32) * inv_keep)
+    acc = _bwd_prologue(ds_ptr, a_ptr, seed_ptr, rm, rk, pid_k * BLOCK_K, M, K, R, threshold, inv_keep,
+                        stride_dsm, stride_dsr, stride_ar, stride_ak, g_ptr.dtype.element_ty, DROPOUT,
+                        DOT_PRECISION, BLOCK_R, BLOCK_M, BLOCK_K, None)  # fmt: skip
     for n0 in range(0, N, BLOCK_N):  # + G·W on top
         rn = n0 + tl.arange(0, BLOCK_N)
         rn64 = rn.to(tl.int64)
@@ -108,8 +154,77 @@ def _lora_linear_bwd_kernel(
         w = tl.load(w_ptr + rn64[:, None] * stride_wn + rk64[None, :] * stride_wk,
                     mask=(rn[:, None] < N) & (rk[None, :] < K), other=0.0)  # fmt: skip
         acc = tl.dot(g, w, acc, input_precision=DOT_PRECISION)
-    tl.store(dx_ptr + rm64[:, None] * stride_dxm + rk64[None, :] * stride_dxk, acc.to(dx_ptr.dtype.element_ty),
-             mask=(rm[:, None] < M) & (rk[None, :] < K))  # fmt: skip
+    _epilogue(acc, dx_ptr, dx_ptr, rm, rk, M, K, stride_dxm, stride_dxk, False)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# TMA main loop (sm_90+, inputs TMA can take). Input tiles come through host-side tensor descriptors
+# (triton.tools.tensor_descriptor.TensorDescriptor, passed as __grid_constant__ CUtensorMaps: no device
+# allocator, nothing built per program): cp.async.bulk.tensor copies into shared memory complete on
+# mbarriers, which Triton's pipeliner multi-buffers over num_stages, and wgmma reads the tiles there. Boxes
+# past the tensor's edge read as zeros, so the main loop needs no masks.
+# Persistent: min(#SMs, #tiles) programs walk the tiles in grouped order (Triton tutorial 09), so no tile
+# waits for a block slot and each SM keeps its program's descriptors and barriers.
+# Not flattened: tl.range(flatten=True) leaves this loop nest as it is (the rank loop is a second inner
+# loop), and with a loop-free prologue it makes every wgmma wait for the previous one (sm_90, Triton 3.4,
+# 3.6, 3.9), so each tile fills its pipeline after its prologue. Not warp-specialised: on sm_90,
+# tl.range(warp_specialize=True) compiles to the same code on Triton 3.4, 3.6 and 3.9 (their automatic
+# warp specialisation runs on sm_100+ only).
+# The rank loop is not pipelined here (RANK_STAGES = 1): its buffers would cost the registers the 128 × 256
+# dX tile needs (8 bytes of spill on Triton 3.6).
+# The output goes through the shared epilogue as in the pointer kernels. It is the first argument because
+# launchers key configs on their first tensor's dtype, and descriptors are not tensors.
+
+
+@triton.jit
+def _lora_linear_fwd_tma_kernel(
+    y_ptr, x_desc, w_desc, bias_ptr, s_ptr, b_ptr,
+    M, N, K, R, scaling,
+    stride_sm, stride_sr, stride_bn, stride_br, stride_ym, stride_yn,
+    HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_R: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):  # fmt: skip
+    # The host sets the descriptors' boxes per config (_persistent_grid); a stale one would load other tiles.
+    tl.static_assert(x_desc.block_shape[0] == BLOCK_M and x_desc.block_shape[1] == BLOCK_K, "x_desc: stale box")
+    tl.static_assert(w_desc.block_shape[0] == BLOCK_N and w_desc.block_shape[1] == BLOCK_K, "w_desc: stale box")
+    num_tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
+    for tile in tl.range(tl.program_id(0), num_tiles, tl.num_programs(0)):
+        pid_m, pid_n = _grouped_tile(tile, M, N, BLOCK_M, BLOCK_N, GROUP_M)
+        rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        acc = _fwd_prologue(s_ptr, b_ptr, rm, rn, M, N, R, scaling, stride_sm, stride_sr, stride_bn, stride_br,
+                            x_desc.dtype, DOT_PRECISION, BLOCK_R, BLOCK_M, BLOCK_N, 1)  # fmt: skip
+        for k0 in range(0, K, BLOCK_K):  # + x·Wᵀ on top
+            x = x_desc.load([pid_m * BLOCK_M, k0])
+            w = w_desc.load([pid_n * BLOCK_N, k0])
+            acc = tl.dot(x, w.T, acc, input_precision=DOT_PRECISION)
+        _epilogue(acc, y_ptr, bias_ptr, rm, rn, M, N, stride_ym, stride_yn, HAS_BIAS)
+
+
+@triton.jit
+def _lora_linear_bwd_tma_kernel(
+    dx_ptr, g_desc, w_desc, ds_ptr, a_ptr, seed_ptr,
+    M, N, K, R, threshold, inv_keep,
+    stride_dsm, stride_dsr, stride_ar, stride_ak, stride_dxm, stride_dxk,
+    DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_R: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):  # fmt: skip
+    """dX tiles (BLOCK_M × BLOCK_K); the reduction runs over N in steps of BLOCK_N."""
+    tl.static_assert(g_desc.block_shape[0] == BLOCK_M and g_desc.block_shape[1] == BLOCK_N, "g_desc: stale box")
+    tl.static_assert(w_desc.block_shape[0] == BLOCK_N and w_desc.block_shape[1] == BLOCK_K, "w_desc: stale box")
+    num_tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(K, BLOCK_K)
+    for tile in tl.range(tl.program_id(0), num_tiles, tl.num_programs(0)):
+        pid_m, pid_k = _grouped_tile(tile, M, K, BLOCK_M, BLOCK_K, GROUP_M)
+        rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        rk = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+        acc = _bwd_prologue(ds_ptr, a_ptr, seed_ptr, rm, rk, pid_k * BLOCK_K, M, K, R, threshold, inv_keep,
+                            stride_dsm, stride_dsr, stride_ar, stride_ak, g_desc.dtype, DROPOUT, DOT_PRECISION,
+                            BLOCK_R, BLOCK_M, BLOCK_K, 1)  # fmt: skip
+        for n0 in range(0, N, BLOCK_N):  # + G·W on top
+            g = g_desc.load([pid_m * BLOCK_M, n0])
+            w = w_desc.load([n0, pid_k * BLOCK_K])
+            acc = tl.dot(g, w, acc, input_precision=DOT_PRECISION)
+        _epilogue(acc, dx_ptr, dx_ptr, rm, rk, M, K, stride_dxm, stride_dxk, False)
 
 
 def _cfg(bm, bn, bk, warps, stages, group=8):
@@ -130,6 +245,41 @@ _FWD_CONFIGS = [
     _cfg(16, 128, 128, 4, 4, group=1),
 ]
 _INTERPRETER_CONFIG = _cfg(16, 32, 32, 1, 1, group=2)
+
+
+def _fwd_boxes(meta: dict) -> dict[str, list[int]]:
+    """The tile each forward descriptor moves under a config: x (BLOCK_M × BLOCK_K), W (BLOCK_N × BLOCK_K)."""
+    return {"x_desc": [meta["BLOCK_M"], meta["BLOCK_K"]], "w_desc": [meta["BLOCK_N"], meta["BLOCK_K"]]}
+
+
+def _bwd_boxes(meta: dict) -> dict[str, list[int]]:
+    """dX's descriptors: G (BLOCK_M × BLOCK_N), W (BLOCK_N × BLOCK_K); the reduction runs over N."""
+    return {"g_desc": [meta["BLOCK_M"], meta["BLOCK_N"]], "w_desc": [meta["BLOCK_N"], meta["BLOCK_K"]]}
+
+
+# The TMA kernels' tiles (BLOCK_M, output columns, reduction block, warps, stages), all wgmma-sized (64+
+# rows), best-first for large problems (the first that fits is what "heuristic" tuning takes): the
+# forward's are (BLOCK_M, BLOCK_N, BLOCK_K), dX takes them with the last two swapped. The first is Triton
+# tutorial 09's Hopper tile; BLOCK_K = 128 halves the loop's steps; BLOCK_K = 32 keeps four stages of fp32
+# (tf32) inputs within shared memory. All are spill-free on Triton 3.4, 3.6 and 3.9 (sm_90,
+# fp16/bf16/fp32, the heaviest flags); a 128 × 256 × 32 tile was dropped: it spills with fp32 inputs
+# (forward, 8 bytes on 3.9) and as a dX tile (8 bytes with 16-bit inputs on 3.9).
+_TMA_TILES = [
+    (128, 256, 64, 8, 3),
+    (128, 128, 128, 8, 3),
+    (128, 128, 64, 8, 4),
+    (128, 128, 32, 8, 4),
+    (128, 128, 64, 4, 3),
+    (64, 256, 64, 4, 4),
+    (128, 64, 64, 4, 4),
+    (64, 128, 64, 4, 4),
+    (64, 64, 64, 4, 4),
+]
+_TMA_FWD_CONFIGS = [_cfg(bm, bn, bk, w, s) for bm, bn, bk, w, s in _TMA_TILES]
+_TMA_BWD_CONFIGS = [_cfg(bm, bk, bn, w, s) for bm, bn, bk, w, s in _TMA_TILES]
+# Under the interpreter the TMA kernels take the pointer kernels' config, on a few programs, so that each
+# program's loop over tiles runs more than once.
+INTERPRETER_PROGRAMS = 3
 
 
 # Shared memory a block may use: 227 KB on sm_90 (H100/H200), 163 KB on sm_80 (A100); 16 KB of it is left
@@ -157,30 +307,119 @@ def _wide_fp32_on_four_warps(c: triton.Config, itemsize: int) -> bool:
     return itemsize == 4 and c.kwargs["BLOCK_M"] >= 128 and c.num_warps < 8
 
 
-def _fwd_configs(flags: dict, arch: int, itemsize: int) -> list[triton.Config]:
+def _fwd_fit(configs: list[triton.Config], arch: int, itemsize: int) -> list[triton.Config]:
     # Before Hopper the accumulator lives in mma fragments, which a 64 × 256 tile on 4 warps overflows.
     most = 128 if arch >= 90 else 64
-    return [c for c in _FWD_CONFIGS if _fits(c, arch, itemsize, "BLOCK_N", "BLOCK_K")
+    return [c for c in configs if _fits(c, arch, itemsize, "BLOCK_N", "BLOCK_K")
             and _per_thread(c, "BLOCK_M", "BLOCK_N") <= most and not _wide_fp32_on_four_warps(c, itemsize)]  # fmt: skip
 
 
+def _bwd_fit(configs: list[triton.Config], flags: dict, arch: int, itemsize: int) -> list[triton.Config]:
+    """dX tiles: output columns are K, the reduction N. With dropout the Philox state for the whole
+    (BLOCK_M × BLOCK_K) tile is live beside the accumulator: at most 64 output elements a thread (32 with
+    4-byte inputs) leave it room."""
+    most = (64 if itemsize <= 2 else 32) if flags["DROPOUT"] else (128 if arch >= 90 else 64)
+    return [c for c in configs if _fits(c, arch, itemsize, "BLOCK_K", "BLOCK_N")
+            and _per_thread(c, "BLOCK_M", "BLOCK_K") <= most and not _wide_fp32_on_four_warps(c, itemsize)]  # fmt: skip
+
+
+def _fwd_configs(flags: dict, arch: int, itemsize: int) -> list[triton.Config]:
+    return _fwd_fit(_FWD_CONFIGS, arch, itemsize)
+
+
 def _bwd_configs(flags: dict, arch: int, itemsize: int) -> list[triton.Config]:
-    """dX tiles: the forward's with BLOCK_N and BLOCK_K swapped (output columns are K, the reduction N).
-    With dropout the Philox state for the whole (BLOCK_M × BLOCK_K) tile is live beside the accumulator:
-    at most 64 output elements a thread (32 with 4-byte inputs) leave it room."""
     swapped = [_cfg(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_K"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages,
                     c.kwargs["GROUP_M"]) for c in _FWD_CONFIGS]  # fmt: skip
-    most = (64 if itemsize <= 2 else 32) if flags["DROPOUT"] else (128 if arch >= 90 else 64)
-    return [c for c in swapped if _fits(c, arch, itemsize, "BLOCK_K", "BLOCK_N")
-            and _per_thread(c, "BLOCK_M", "BLOCK_K") <= most and not _wide_fp32_on_four_warps(c, itemsize)]  # fmt: skip
+    return _bwd_fit(swapped, flags, arch, itemsize)
+
+
+def _fwd_tma_configs(flags: dict, arch: int, itemsize: int) -> list[triton.Config]:
+    return _fwd_fit(_TMA_FWD_CONFIGS, arch, itemsize) if arch >= 90 else []
+
+
+def _bwd_tma_configs(flags: dict, arch: int, itemsize: int) -> list[triton.Config]:
+    return _bwd_fit(_TMA_BWD_CONFIGS, flags, arch, itemsize) if arch >= 90 else []
 
 
 _FWD = Tunable(_lora_linear_fwd_kernel, _fwd_configs, key=["M", "N", "K", "R"], interpreter_config=_INTERPRETER_CONFIG)
 _BWD = Tunable(_lora_linear_bwd_kernel, _bwd_configs, key=["M", "N", "K", "R"], interpreter_config=_INTERPRETER_CONFIG)
+_FWD_TMA = Tunable(_lora_linear_fwd_tma_kernel, _fwd_tma_configs, key=["M", "N", "K", "R"],
+                   interpreter_config=_INTERPRETER_CONFIG)  # fmt: skip
+_BWD_TMA = Tunable(_lora_linear_bwd_tma_kernel, _bwd_tma_configs, key=["M", "N", "K", "R"],
+                   interpreter_config=_INTERPRETER_CONFIG)  # fmt: skip
+# Each TMA kernel's descriptor boxes as a function of its config (the AOT check compiles with them too).
+TMA_BOXES = {_FWD_TMA: _fwd_boxes, _BWD_TMA: _bwd_boxes}
 
 # The rank-r prologue runs in 16-lane steps: its S and Bᵀ tiles stay small beside the main loop's
 # accumulator (a rank of 256 is 16 short steps, against K/BLOCK_K long ones).
 PROLOGUE_BLOCK_R = 16
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Which main loop a launch takes. The interpreter, capability and SM count are read through _launch's
+# module, so that fastlora.bench_host's stubbed launches (which patch them there) take the GPU path.
+
+# The GPU the interpreter stands in for when a launcher chooses its main loop: 90 takes the TMA kernels
+# wherever an sm_90 would, 80 the pointer kernels everywhere (tests set it to check both).
+INTERPRETED_ARCH = 90
+
+
+# Triton 3.4 and 3.5's interpreter checks a descriptor's row stride in elements (a multiple of 16), not
+# bytes: under it, those versions take only such tensors.
+_ROW_STRIDE_IN_ELEMENTS_WHEN_INTERPRETED = triton_version() < (3, 6)
+
+
+def _tma_can_load(t: torch.Tensor) -> bool:
+    """What a TMA descriptor requires of a 2-D tensor: unit last stride, 16-byte aligned base and row
+    stride, no empty dimension."""
+    rows, cols = t.shape
+    row_stride, col_stride = t.stride()
+    unit = 1 if _ROW_STRIDE_IN_ELEMENTS_WHEN_INTERPRETED and _launch.interpreting() else t.element_size()
+    return rows > 0 and cols > 0 and col_stride == 1 and row_stride * unit % 16 == 0 and t.data_ptr() % 16 == 0
+
+
+def uses_tma(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether a GEMM on inputs ``a`` and ``b`` (x and W forward, G and W for dX) runs the TMA kernel: on
+    NVIDIA sm_90 and newer (or the interpreter standing in for one, see INTERPRETED_ARCH), for tensor-core
+    dots (16-bit inputs, or fp32 with tf32 allowed), when TMA can load both; otherwise the pointer kernel,
+    which takes any strides. Exact fp32 dots (PyTorch's default precision) run on CUDA cores, and their
+    operands read from TMA's swizzled tiles compile to 32 registers and 4 to 10 KB of local memory (sm_90,
+    Triton 3.6 and 3.9)."""
+    if a.dtype == torch.float32 and dot_precision(a.dtype) == "ieee":
+        return False
+    if _launch.interpreting():
+        arch = INTERPRETED_ARCH
+    elif torch.version.hip is not None:  # AMD GPUs have no TMA
+        return False
+    else:
+        arch = _launch.capability(a.device)
+    return arch >= 90 and _tma_can_load(a) and _tma_can_load(b)
+
+
+def _persistent_grid(device: torch.device, tiles: Callable[[dict], int], boxes: Callable[[dict], dict[str, list[int]]],
+                     descriptors: dict[str, TensorDescriptor]) -> Callable[[dict], tuple[int]]:  # fmt: skip
+    """The launch grid of a persistent TMA kernel: min(#SMs, #tiles) programs (INTERPRETER_PROGRAMS on a
+    CPU, which runs only the interpreter). It also gives each host-side descriptor, which carries its box,
+    the box of the config being launched: Tunable calls the grid with a config's meta-parameters right
+    before each launch of it (timing included), and the kernels assert that the boxes match."""
+    programs = _launch.sm_count(device) if device.type == "cuda" else INTERPRETER_PROGRAMS
+
+    def grid(meta: dict) -> tuple[int]:
+        for name, box in boxes(meta).items():
+            descriptors[name].block_shape = box
+        return (min(programs, tiles(meta)),)
+
+    return grid
+
+
+def _descriptors(boxes: Callable[[dict], dict[str, list[int]]], **tensors: torch.Tensor) -> dict[str, TensorDescriptor]:
+    """Host-side descriptors of 2-D tensors, with the interpreter config's boxes until a grid sets others."""
+    first = boxes(_INTERPRETER_CONFIG.kwargs)
+    return {name: TensorDescriptor(t, [*t.shape], [*t.stride()], first[name]) for name, t in tensors.items()}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Launchers.
 
 
 def lora_linear_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, shrink: torch.Tensor,
@@ -189,7 +428,7 @@ def lora_linear_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
 
     Args:
         x: (M, K), weight: (N, K), bias: (N,) or None, all one dtype; shrink: (M, R) in x's dtype;
-        lora_B: (N, R) any floating dtype (cast in registers). Any strides.
+        lora_B: (N, R) any floating dtype (cast in registers). Any strides; R may be 0 (no LoRA term).
 
     Returns:
         (M, N), contiguous, in x's dtype.
@@ -200,13 +439,25 @@ def lora_linear_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     y = torch.empty((m, n), device=x.device, dtype=x.dtype)
     if m == 0:
         return y
+    flags = dict(HAS_BIAS=bias is not None, DOT_PRECISION=dot_precision(x.dtype), BLOCK_R=PROLOGUE_BLOCK_R)
+    if uses_tma(x, weight):
+        desc = _descriptors(_fwd_boxes, x_desc=x, w_desc=weight)
+        _FWD_TMA.launch(
+            _persistent_grid(x.device, lambda meta: cdiv(m, meta["BLOCK_M"]) * cdiv(n, meta["BLOCK_N"]), _fwd_boxes,
+                             desc),
+            y, desc["x_desc"], desc["w_desc"], bias if bias is not None else y, shrink, lora_B,
+            m, n, k, r, scaling,
+            shrink.stride(0), shrink.stride(1), lora_B.stride(0), lora_B.stride(1), y.stride(0), y.stride(1),
+            **flags,
+        )  # fmt: skip
+        return y
     _FWD.launch(
-        lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),),
+        lambda meta: (cdiv(m, meta["BLOCK_M"]) * cdiv(n, meta["BLOCK_N"]),),
         x, weight, bias if bias is not None else x, shrink, lora_B, y,
         m, n, k, r, scaling,
         x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), shrink.stride(0), shrink.stride(1),
         lora_B.stride(0), lora_B.stride(1), y.stride(0), y.stride(1),
-        HAS_BIAS=bias is not None, DOT_PRECISION=dot_precision(x.dtype), BLOCK_R=PROLOGUE_BLOCK_R,
+        **flags,
     )  # fmt: skip
     return y
 
@@ -217,7 +468,7 @@ def lora_linear_bwd(grad_y: torch.Tensor, weight: torch.Tensor, d_shrink: torch.
 
     Args:
         grad_y: (M, N) G; weight: (N, K) in G's dtype; d_shrink: (M, R) fp32; lora_A: (R, K) any floating
-        dtype. Any strides.
+        dtype. Any strides; R may be 0 (no LoRA term).
         seed: (1,) int64 on G's device when dropout_p > 0.
 
     Returns:
@@ -229,13 +480,24 @@ def lora_linear_bwd(grad_y: torch.Tensor, weight: torch.Tensor, d_shrink: torch.
     dx = torch.empty((m, k), device=grad_y.device, dtype=grad_y.dtype)
     if m == 0:
         return dx
+    flags = dict(DROPOUT=dropout_p > 0.0, DOT_PRECISION=dot_precision(grad_y.dtype), BLOCK_R=PROLOGUE_BLOCK_R)
+    if uses_tma(grad_y, weight):
+        desc = _descriptors(_bwd_boxes, g_desc=grad_y, w_desc=weight)
+        _BWD_TMA.launch(
+            _persistent_grid(grad_y.device, lambda meta: cdiv(m, meta["BLOCK_M"]) * cdiv(k, meta["BLOCK_K"]),
+                             _bwd_boxes, desc),
+            dx, desc["g_desc"], desc["w_desc"], d_shrink, lora_A, seed_pointer(seed, dx),
+            m, n, k, r, keep_threshold(dropout_p), 1.0 / (1.0 - dropout_p),
+            d_shrink.stride(0), d_shrink.stride(1), lora_A.stride(0), lora_A.stride(1), dx.stride(0), dx.stride(1),
+            **flags,
+        )  # fmt: skip
+        return dx
     _BWD.launch(
-        lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(k, meta["BLOCK_K"]),),
+        lambda meta: (cdiv(m, meta["BLOCK_M"]) * cdiv(k, meta["BLOCK_K"]),),
         grad_y, weight, d_shrink, lora_A, dx, seed_pointer(seed, grad_y),
         m, n, k, r, keep_threshold(dropout_p), 1.0 / (1.0 - dropout_p),
         grad_y.stride(0), grad_y.stride(1), weight.stride(0), weight.stride(1),
         d_shrink.stride(0), d_shrink.stride(1), lora_A.stride(0), lora_A.stride(1), dx.stride(0), dx.stride(1),
-        DROPOUT=dropout_p > 0.0, DOT_PRECISION=dot_precision(grad_y.dtype),
-        BLOCK_R=PROLOGUE_BLOCK_R,
+        **flags,
     )  # fmt: skip
     return dx
