@@ -12,9 +12,18 @@ import numbers
 import re
 from collections.abc import Iterable, Mapping
 
+import torch.nn as nn
+
 # An adapter's two matrices hold r·(in + out) elements; past 2³¹ (8 GiB in fp32) a rank is a typo, and
 # refusing it up front beats an allocation failure half-way through a model.
 MAX_ADAPTER_ELEMENTS = 2**31
+
+
+def check_module(name: str, value: object) -> nn.Module:
+    """A torch.nn.Module (a model or a layer)."""
+    if not isinstance(value, nn.Module):
+        raise TypeError(f"{name}: expected a torch.nn.Module, got {type(value).__name__}")
+    return value
 
 
 def check_bool(name: str, value: object) -> bool:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import os
 import time
+import warnings
 from collections.abc import Callable
 
 import torch
@@ -43,16 +44,25 @@ def _variants(dropout: float) -> dict[str, Callable[[torch.Tensor], torch.Tensor
     a, bb, s = layer.lora_A["default"], layer.lora_B["default"], layer.scaling["default"]
     out["fastlora.lora_linear"] = lambda x: fastlora.lora_linear(x, w, b, a, bb, s, dropout, True)
     if peft is not None:
-        from fastlora.peft_compat import accelerate, peft_lora_linear
+        from fastlora.peft_compat import accelerate
 
         twin = nn.Sequential(peft_lora_linear(nn.Linear(k, n), r=r, lora_alpha=2 * r, lora_dropout=dropout)).train()
-        import warnings
-
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             accelerate(twin)
         out["PEFT accelerated"] = twin[0]
     return out
+
+
+_WARMUP_CALLS = 50
+
+
+def _us_per_call(step: Callable[..., object], calls: int, *args) -> float:
+    """Microseconds per call of ``calls`` calls of ``step(*args)`` in a row."""
+    start = time.perf_counter()
+    for _ in range(calls):
+        step(*args)
+    return (time.perf_counter() - start) / calls * 1e6
 
 
 def host_overhead(calls: int = 3000, repeats: int = 5, dropouts=(0.0, 0.1), threads: int = 1) -> list[dict]:
@@ -67,15 +77,11 @@ def host_overhead(calls: int = 3000, repeats: int = 5, dropouts=(0.0, 0.1), thre
             modes = {"forward": lambda f: f(x), "forward+backward": lambda f: f(x).sum().backward()}
             for mode, step in modes.items():
                 best = dict.fromkeys(variants, float("inf"))
-                for name, f in variants.items():  # warm-up: first calls allocate and import
-                    for _ in range(50):
-                        step(f)
+                for f in variants.values():
+                    _us_per_call(step, _WARMUP_CALLS, f)  # first calls allocate and import
                 for _ in range(repeats):
                     for name, f in variants.items():
-                        start = time.perf_counter()
-                        for _ in range(calls):
-                            step(f)
-                        best[name] = min(best[name], (time.perf_counter() - start) / calls * 1e6)
+                        best[name] = min(best[name], _us_per_call(step, calls, f))
                 for name, us in best.items():
                     rows.append({"variant": name, "dropout": dropout, "mode": mode, "us_per_call": us})
                 peft = best.get("PEFT")
@@ -141,13 +147,6 @@ def triton_launch_overhead(calls: int = 2000, repeats: int = 5, dropout: float =
         steps = {"forward": lambda: backend.forward(x, w, b, a, bb, 2.0, dropout, seed),
                  "backward": lambda: backend.backward(g, x, w, a, bb, shrink, 2.0, dropout, seed, needs)}  # fmt: skip
         for name, step in steps.items():
-            for _ in range(50):
-                step()
-            best = float("inf")
-            for _ in range(repeats):
-                start = time.perf_counter()
-                for _ in range(calls):
-                    step()
-                best = min(best, (time.perf_counter() - start) / calls * 1e6)
-            out[name] = best
+            _us_per_call(step, _WARMUP_CALLS)
+            out[name] = min(_us_per_call(step, calls) for _ in range(repeats))
     return out

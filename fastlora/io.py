@@ -21,6 +21,7 @@ from safetensors.torch import load_file, save_file
 from fastlora._checks import (
     check_adapter_name,
     check_bool,
+    check_module,
     check_module_names,
     check_pattern,
     check_probability,
@@ -82,8 +83,7 @@ def save_adapter(model: nn.Module, path: str | Path, adapter_name: str = DEFAULT
     Rank and alpha that differ between layers go to ``rank_pattern`` / ``alpha_pattern`` (by full module
     name) around the most common values, as PEFT writes them. Merged adapters are saved like unmerged ones.
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
+    check_module("model", model)
     path = _check_path(path)
     check_adapter_name("adapter_name", adapter_name)
     if task_type is not None and not isinstance(task_type, str):
@@ -199,8 +199,8 @@ def _read_config(path: Path) -> dict:
             raise ValueError(f"{file}: {key}: missing")
 
     def field(key, check, default):
-        value = config.get(key, default)
-        if value is None:
+        value = config.get(key)
+        if value is None:  # absent or null: PEFT's default
             value = default
         try:
             return check(key, value)
@@ -242,8 +242,7 @@ def load_adapter(model: nn.Module, path: str | Path, adapter_name: str = DEFAULT
     the model changes, and the change itself is all-or-nothing: a bad file raises and leaves the model
     exactly as it was.
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
+    check_module("model", model)
     path = _check_path(path)
     check_adapter_name("adapter_name", adapter_name)
     config = _read_config(path)

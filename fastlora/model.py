@@ -22,6 +22,7 @@ from fastlora._checks import (
     check_adapter_name,
     check_bool,
     check_hparams,
+    check_module,
     check_module_names,
     check_names,
     check_pattern,
@@ -76,9 +77,7 @@ def _output_head(model: nn.Module) -> nn.Module | None:
 
 
 def _check_model(model: object) -> nn.Module:
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
-    return model
+    return check_module("model", model)
 
 
 def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
@@ -149,8 +148,7 @@ def plan_injection(
     modules_to_save: Iterable[str] | None = None,
 ) -> InjectionPlan:
     """Resolve the targets with PEFT's matching rules and check every argument; changes nothing."""
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
+    _check_model(model)
     check_adapter_name("adapter_name", adapter_name)
     r, lora_alpha, lora_dropout = check_hparams(r, lora_alpha, lora_dropout)
     if isinstance(target_modules, str) and target_modules == "all-linear":
@@ -179,7 +177,7 @@ def plan_injection(
             raise TypeError(f"target_modules: {name} has a {module.weight.dtype} weight; LoRA needs a floating-point "
                             "base (quantised layers are not injected)")  # fmt: skip
         targets.append((name, module, rank, alpha))
-    if modules_to_save is not None and isinstance(modules_to_save, str):
+    if isinstance(modules_to_save, str):
         modules_to_save = [modules_to_save]
     save = check_module_names("modules_to_save", modules_to_save, allow_none=True) or []
     saved = [n for n, _ in model.named_modules() if n and save and _matches(n, save)]
@@ -272,9 +270,18 @@ def trainable_parameters(model: nn.Module) -> TrainableParameters:
 
 def list_adapters(model: nn.Module) -> list[str]:
     """Adapter names present in the model, in the order they were added."""
+    return _names_over_layers(model, lambda layer: layer.adapters)
+
+
+def _active_adapters(model: nn.Module) -> list[str]:
+    return _names_over_layers(model, lambda layer: layer.active_adapters)
+
+
+def _names_over_layers(model: nn.Module, names_of) -> list[str]:
+    """The distinct names ``names_of(layer)`` gives over the model's fastlora layers, first-seen order."""
     names: dict[str, None] = {}
     for layer in lora_layers(model).values():
-        names.update(dict.fromkeys(layer.adapters))
+        names.update(dict.fromkeys(names_of(layer)))
     return list(names)
 
 
@@ -318,13 +325,6 @@ def delete_adapter(model: nn.Module, name: str) -> None:
             rest = [remaining[0]]
         if rest:
             set_adapter(model, rest)
-
-
-def _active_adapters(model: nn.Module) -> list[str]:
-    names: dict[str, None] = {}
-    for layer in lora_layers(model).values():
-        names.update(dict.fromkeys(layer.active_adapters))
-    return list(names)
 
 
 @contextlib.contextmanager

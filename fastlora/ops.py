@@ -30,7 +30,8 @@ def _backend(name: str, x: torch.Tensor):
 
 def _forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, backend):
     y, shrink = _backend(backend, x).forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed)
-    # The backends reshape a 2-D result to (..., N) with .view. A custom Function's output that is a view
+    # A backend may hand back its 2-D result reshaped to (..., N) with .view (the triton backend does; the
+    # torch backend allocates y in its final shape instead). A custom Function's output that is a view
     # cannot be modified in place (autograd raises) and FSDP2 warns that an in-place op on it would skip its
     # pre-backward all-gather. F.linear's output is never a view (matmul folds its batch dimensions with
     # aten._unsafe_view, a non-view alias), so do the same; nothing else holds the 2-D base.
@@ -137,8 +138,7 @@ class LoRALinearFunction(torch.autograd.Function):
         y, shrink = _forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, backend)
         ctx.save_for_backward(x, weight, lora_A, lora_B, shrink, seed)
         ctx.params = (scaling, dropout_p, backend)
-        x_, w_, b_, a_, bb_ = ctx.needs_input_grad[:5]
-        ctx.needs = (x_, a_, bb_, w_, b_)
+        ctx.needs = _needs(ctx.needs_input_grad)
         return y
 
     @staticmethod

@@ -126,7 +126,7 @@ def resolve_backend(device: torch.device, dtype: torch.dtype | None = None) -> A
     "auto" takes the first available backend in its preference order for the device type, quietly. A
     backend asked for by name that cannot run on ``device`` raises RuntimeError saying why.
     """
-    name = _selected if _selected is not None else selected_backend_name()
+    name = selected_backend_name()
     key = (name, device, dtype)
     backend = _resolved.get(key)
     if backend is None:

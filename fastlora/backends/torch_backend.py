@@ -96,9 +96,9 @@ class TorchBackend:
             del x_hat
         else:
             shrink = torch.mm(x2, a.t())
-        # y is allocated in its final shape and filled through a 2-D view, so that what we return is not a
-        # view (autograd forbids in-place ops on a custom Function's view outputs; F.linear's are not views).
-        # The scaling rides on the GEMM's alpha: no separate pass, no extra op's host time.
+        # y is allocated in its final shape and filled through a 2-D view: what we return is not a view, so
+        # ops._forward has nothing to re-wrap (see there why outputs must not be views). The scaling rides
+        # on the GEMM's alpha: no separate pass, no extra op's host time.
         y = torch.empty((*lead, out_features), dtype=dtype, device=x.device)
         y2 = y if y.dim() == 2 else y.view(-1, out_features)
         if bias is None:

@@ -10,7 +10,7 @@ import torch
 import triton
 
 __all__ = ["Tunable", "interpreting", "dot_precision", "rank_block", "SUPPORTED_TRITON", "triton_version",
-           "unsupported_triton", "cdiv", "m_bucket", "capability", "sm_count", "save_tuning", "load_tuning", "AUTOTUNE_ENV"]  # fmt: skip
+           "unsupported_triton", "cdiv", "next_power_of_2", "m_bucket", "capability", "sm_count", "save_tuning", "load_tuning", "AUTOTUNE_ENV"]  # fmt: skip
 
 # The Triton versions CI checks (pyproject.toml's `triton` extra says the same): [3.4, 3.10). Older ones are
 # refused at run time, not only at install time, because a Triton that came with torch wins over the extra:
@@ -27,7 +27,7 @@ def triton_version() -> tuple[int, int]:
 
 def unsupported_triton() -> str | None:
     """Why the installed Triton cannot run fastlora's kernels, or None."""
-    low, high = SUPPORTED_TRITON
+    low = SUPPORTED_TRITON[0]
     if triton_version() < low:
         return f"Triton {triton.__version__} is older than {low[0]}.{low[1]}, the oldest version fastlora is tested with"
     return None
@@ -47,9 +47,14 @@ def dot_precision(dtype: torch.dtype) -> str:
     return "ieee"
 
 
+def next_power_of_2(n: int) -> int:
+    """The smallest power of two >= n (1 for n <= 1), in plain Python, as ``cdiv``."""
+    return 1 << (n - 1).bit_length() if n > 1 else 1
+
+
 def cdiv(a: int, b: int) -> int:
-    """⌈a / b⌉ for launch grids. Plain Python: ``triton.cdiv`` is a jitted function whose Python call costs
-    more host time than the arithmetic, several times per launch."""
+    """⌈a / b⌉ for launch grids. Plain Python: ``triton.cdiv`` and ``triton.next_power_of_2`` are jitted
+    functions whose Python call costs more host time than the arithmetic, several times per launch."""
     return -(-a // b)
 
 
@@ -57,7 +62,7 @@ def rank_block(rank: int, most: int = 256) -> int:
     """The rank as a tile dimension: a power of two, at least 16 (``tl.dot`` needs every dimension >= 16)
     and at most ``most`` (larger ranks loop over tiles). Lanes past ``rank`` are masked to zero in
     registers; nothing is padded in memory."""
-    return min(max(16, 1 << (rank - 1).bit_length()), most)
+    return min(max(16, next_power_of_2(rank)), most)
 
 
 # How a launch picks its config on a GPU, the first time a (kernel, shape bucket, flags) is seen:
@@ -71,7 +76,7 @@ def m_bucket(m: int) -> int:
     """The bucket a row count M falls in for tuning: the next power of two (M = 1 … 8,192 gives 14 buckets).
     Every config is valid for every M (tiles are masked), so a bucket only groups problems alike enough to
     share their fastest config."""
-    return 1 if m <= 1 else 1 << (m - 1).bit_length()
+    return next_power_of_2(m)
 
 
 _capabilities: dict[int, int] = {}
