@@ -2,7 +2,7 @@
 
 1. Numerics: the "triton" backend's output and every gradient against float64, within twice PyTorch's own
    error in the same dtype (fp32, fp16, bf16, fp32 adapters on a bf16 base), on odd shapes, ranks 1 to 256,
-   strided and 3-D inputs, dropout; gradients bitwise-reproducible. Memory is poisoned with NaN first, so a
+   strided and 3-D inputs, dropout, a dense and an NF4-quantised base; gradients bitwise-reproducible. Memory is poisoned with NaN first, so a
    tile a kernel fails to write shows up.
 2. Timings with ``fastlora.bench`` (Llama-2-7B q, gate and down layers, M = 4096 tokens, r = 16, bf16,
    dropout 0 and 0.05): forward, backward and forward+backward, each variant checked against the reference
@@ -100,6 +100,21 @@ def check_numerics(device: torch.device, backends: list[str], quick: bool) -> li
                     rows.append({"case": name, "ok": True, "worst_error_over_pytorch": worst})
                 except Exception as err:  # a failure is a result to report, not a reason to stop
                     rows.append({"case": name, "ok": False, "error": f"{type(err).__name__}: {err}"[:500]})
+        for lead, k, n, r, p in NF4_CASES[:1] if quick else NF4_CASES:
+            for dtype, adapter in dtypes:
+                if backend == "triton" and dtype == torch.bfloat16 and device.type == "cpu":
+                    continue
+                name = f"{backend} NF4 {'x'.join(map(str, lead))}x{k}->{n} r={r} p={p} {dtype}"
+                name += f" A/B {adapter}" if adapter else ""
+                _poison(device)
+                try:
+                    with fastlora.use_backend(backend):
+                        errors = check_case(make_case(lead, k, n, r, dropout_p=p), dtype, adapter, backend_name=backend,
+                                            device=device, nf4_blocksize=64)  # fmt: skip
+                    worst = max(e / max(t, 1e-30) for e, t in errors.values())
+                    rows.append({"case": name, "ok": True, "worst_error_over_pytorch": worst})
+                except Exception as err:
+                    rows.append({"case": name, "ok": False, "error": f"{type(err).__name__}: {err}"[:500]})
         rows.append(_determinism(device, backend))
     return rows
 
@@ -115,6 +130,16 @@ def _determinism(device: torch.device, backend: str) -> dict:
             grads.append([y.detach()] + [v.grad for v in t.values() if v is not None and v.requires_grad])
     same = all(torch.equal(a, b) for a, b in zip(*grads))
     return {"case": f"{backend} bitwise-reproducible gradients", "ok": same}
+
+
+# An NF4-quantised base (double quantisation, blocks of 64; fastlora.testing.check_case's nf4_blocksize):
+# blocks that cross rows (K not a multiple of 64), odd N, ranks 5 to 256, dropout.
+NF4_CASES = [  # (lead, K, N, r, dropout_p)
+    ((37,), 130, 70, 5, 0.0),
+    ((3, 11), 96, 65, 8, 0.1),
+    ((129,), 520, 260, 256, 0.1),
+    ((2, 333), 1024, 3000, 16, 0.05),
+]
 
 
 def _points(quick: bool, device: torch.device) -> list[dict]:

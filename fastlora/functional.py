@@ -7,14 +7,11 @@ import numbers
 
 import torch
 
-from fastlora.backends import resolve_backend
-from fastlora.ops import LoRALinearFunction
+from fastlora.backends import draw_seed, resolve_backend
+from fastlora.nf4 import NF4Weight
+from fastlora.ops import lora_linear_eager
 
 __all__ = ["lora_linear"]
-
-# Seeds are drawn below 2⁶² so that every backend can take them as a signed 64-bit integer.
-_SEED_BOUND = 1 << 62
-
 
 def _describe(t: torch.Tensor) -> str:
     return f"tensor of shape {tuple(t.shape)}, dtype {t.dtype}, device {t.device}"
@@ -29,6 +26,7 @@ def _check_tensor(name: str, t: object) -> torch.Tensor:
 
 
 _Tensor = torch.Tensor
+_NF4_COMPUTE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def _check_args(x, weight, bias, lora_A, lora_B, scaling, dropout_p, training, generator) -> None:
@@ -36,29 +34,40 @@ def _check_args(x, weight, bias, lora_A, lora_B, scaling, dropout_p, training, g
     sizes (issue: host time below PEFT's): one expression accepts the common, valid case; only when it is
     False do the checks below run one by one to say what is wrong. The fast test implies every one of them."""
     if (
-        isinstance(x, _Tensor) and isinstance(weight, _Tensor) and isinstance(lora_A, _Tensor)
-        and isinstance(lora_B, _Tensor) and (bias is None or isinstance(bias, _Tensor))
-        and type(training) is bool and generator is None
-        and type(scaling) in (float, int) and math.isfinite(scaling)
-        and type(dropout_p) in (float, int) and 0.0 <= dropout_p < 1.0
-        and x.dim() >= 1 and weight.dim() == 2 and lora_A.dim() == 2 and lora_B.dim() == 2
-        and x.is_floating_point() and weight.dtype == x.dtype
-        and lora_A.is_floating_point() and lora_B.is_floating_point()
-        and x.shape[-1] == weight.shape[1] == lora_A.shape[1] and lora_A.shape[0] >= 1
-        and lora_B.shape[0] == weight.shape[0] and lora_B.shape[1] == lora_A.shape[0]
-        and (bias is None or (bias.dtype == weight.dtype and bias.dim() == 1 and bias.shape[0] == weight.shape[0]))
+        type(scaling) in (float, int) and type(dropout_p) in (float, int) and type(training) is bool
+        and generator is None and isinstance(x, _Tensor) and (isinstance(weight, _Tensor) or type(weight) is NF4Weight)
+        and isinstance(lora_A, _Tensor) and isinstance(lora_B, _Tensor) and (bias is None or isinstance(bias, _Tensor))
+        and math.isfinite(scaling) and 0.0 <= dropout_p < 1.0
     ):  # fmt: skip
-        device = x.device
-        if weight.device == device and lora_A.device == device and lora_B.device == device and (
-            bias is None or bias.device == device
-        ):
-            return
+        w_shape, a_shape, b_shape = weight.shape, lora_A.shape, lora_B.shape  # each .shape builds a tuple
+        # An NF4 weight computes in x's dtype (float16, bfloat16 or float32).
+        base_dtype = x.dtype if type(weight) is NF4Weight and x.dtype in _NF4_COMPUTE_DTYPES else weight.dtype
+        if (
+            len(w_shape) == 2 and len(a_shape) == 2 and len(b_shape) == 2 and x.ndim >= 1
+            and x.shape[-1] == w_shape[1] == a_shape[1] and a_shape[0] >= 1
+            and b_shape[0] == w_shape[0] and b_shape[1] == a_shape[0]
+            and x.is_floating_point() and base_dtype == x.dtype
+            and lora_A.is_floating_point() and lora_B.is_floating_point()
+            and (bias is None or (bias.dtype == base_dtype and bias.shape == (w_shape[0],)))
+        ):  # fmt: skip
+            device = x.device
+            if weight.device == device and lora_A.device == device and lora_B.device == device and (
+                bias is None or bias.device == device
+            ):
+                return
     _check_tensor("x", x)
     if x.dim() < 1:
         raise ValueError(f"x: expected at least 1 dimension (..., in_features), got a 0-d tensor")
-    _check_tensor("weight", weight)
-    if weight.dim() != 2:
-        raise ValueError(f"weight: expected 2-D (out_features, in_features), got {_describe(weight)}")
+    quantized = isinstance(weight, NF4Weight)  # checked at construction; dequantised in x's dtype
+    if quantized:
+        if weight.device != x.device:
+            raise ValueError(f"weight: expected device {x.device} (x's), got {weight!r}")
+        if x.dtype not in _NF4_COMPUTE_DTYPES:
+            raise TypeError(f"x: an NF4 weight computes in float16, bfloat16 or float32; got {_describe(x)}")
+    else:
+        _check_tensor("weight", weight)
+        if weight.dim() != 2:
+            raise ValueError(f"weight: expected 2-D (out_features, in_features), got {_describe(weight)}")
     out_features, in_features = weight.shape
     if x.shape[-1] != in_features:
         raise ValueError(
@@ -68,14 +77,16 @@ def _check_args(x, weight, bias, lora_A, lora_B, scaling, dropout_p, training, g
     for name, t in (("weight", weight), ("bias", bias), ("lora_A", lora_A), ("lora_B", lora_B)):
         if t is not None and isinstance(t, torch.Tensor) and t.device != x.device:
             raise ValueError(f"{name}: expected device {x.device} (x's), got {_describe(t)}")
-    if weight.dtype != x.dtype:
+    base_dtype = x.dtype if quantized else weight.dtype
+    if base_dtype != x.dtype:
         raise TypeError(f"weight: expected dtype {x.dtype} (x's), got {_describe(weight)}")
     if bias is not None:
         _check_tensor("bias", bias)
         if bias.shape != (out_features,):
             raise ValueError(f"bias: expected shape ({out_features},) or None, got {_describe(bias)}")
-        if bias.dtype != weight.dtype:
-            raise TypeError(f"bias: expected dtype {weight.dtype} (weight's), got {_describe(bias)}")
+        if bias.dtype != base_dtype:
+            whose = "x's: the NF4 weight computes in it" if quantized else "weight's"
+            raise TypeError(f"bias: expected dtype {base_dtype} ({whose}), got {_describe(bias)}")
     _check_tensor("lora_A", lora_A)
     if lora_A.dim() != 2 or lora_A.shape[1] != in_features:
         raise ValueError(f"lora_A: expected 2-D (r, in_features={in_features}), got {_describe(lora_A)}")
@@ -101,15 +112,6 @@ def _check_args(x, weight, bias, lora_A, lora_B, scaling, dropout_p, training, g
         raise ValueError(f"dropout_p: expected a probability in [0, 1), got {dropout_p}")
 
 
-def _draw_seed(device: torch.device, generator: torch.Generator | None) -> torch.Tensor:
-    """A (1,) int64 seed on ``device``, drawn from ``generator`` or from PyTorch's default generator for
-    ``device`` (so ``torch.manual_seed`` reproduces a run). It stays on the device: no host sync."""
-    if generator is None:
-        return torch.randint(_SEED_BOUND, (1,), device=device, dtype=torch.int64)
-    seed = torch.randint(_SEED_BOUND, (1,), device=generator.device, dtype=torch.int64, generator=generator)
-    return seed.to(device)
-
-
 def _autocast_enabled(device_type: str) -> bool:
     try:
         return torch.is_autocast_enabled(device_type)
@@ -133,8 +135,9 @@ def lora_linear(
 
     Args:
         x: (..., K) input, any leading dimensions, any strides (never copied to change dtype).
-        weight: (N, K) base weight, x's dtype.
-        bias: (N,) base bias in weight's dtype, or None.
+        weight: (N, K) base weight, x's dtype; or a ``fastlora.nf4.NF4Weight`` of shape (N, K), dequantised
+            tile by tile into x's dtype (float16, bfloat16 or float32) inside the GEMMs.
+        bias: (N,) base bias in x's dtype, or None.
         lora_A: (r, K), r >= 1, any floating dtype (fp32 adapters on a bf16/fp16 base are fine).
         lora_B: (N, r), any floating dtype.
         scaling: the scalar s (lora_alpha / r, or lora_alpha / sqrt(r) with rsLoRA), finite.
@@ -148,23 +151,25 @@ def lora_linear(
     """
     _check_args(x, weight, bias, lora_A, lora_B, scaling, dropout_p, training, generator)
     p = float(dropout_p) if training else 0.0
-    seed = _draw_seed(x.device, generator) if p > 0.0 else None
     device_type = x.device.type
     if _autocast_enabled(device_type):
         # Run the base GEMM the way F.linear does under autocast; adapters keep their dtype (the backend
         # casts those small tensors itself). Inside, autocast is off so no op recasts what we chose.
         dtype = torch.get_autocast_dtype(device_type)
-        x, weight = x.to(dtype), weight.to(dtype)
+        x = x.to(dtype)
+        weight = weight if isinstance(weight, NF4Weight) else weight.to(dtype)  # NF4 dequantises into x's dtype
         bias = None if bias is None else bias.to(dtype)
         with torch.autocast(device_type, enabled=False):
-            return _apply(x, weight, bias, lora_A, lora_B, float(scaling), p, seed)
-    return _apply(x, weight, bias, lora_A, lora_B, float(scaling), p, seed)
+            return _apply(x, weight, bias, lora_A, lora_B, float(scaling), p, generator)
+    return _apply(x, weight, bias, lora_A, lora_B, float(scaling), p, generator)
 
 
-def _apply(x, weight, bias, lora_A, lora_B, scaling, p, seed):
+def _apply(x, weight, bias, lora_A, lora_B, scaling, p, generator):
     if torch.compiler.is_compiling():
+        if isinstance(weight, NF4Weight):
+            raise NotImplementedError("weight: torch.compile does not take an NF4 weight yet; run the layer eagerly")
         # The backend is resolved when the compiled graph runs, not when it is traced ("" = resolve then).
+        seed = draw_seed(x.device, generator) if p > 0.0 else None
         return torch.ops.fastlora.lora_linear(x, weight, bias, lora_A, lora_B, scaling, p, seed, "")[0]
     # Resolved once here: backward runs on the same backend even if the selection changes meanwhile.
-    backend = resolve_backend(x.device, x.dtype).name
-    return LoRALinearFunction.apply(x, weight, bias, lora_A, lora_B, (scaling, p, seed, backend))
+    return lora_linear_eager(x, weight, bias, lora_A, lora_B, scaling, p, generator, resolve_backend(x.device, x.dtype))

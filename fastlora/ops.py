@@ -6,7 +6,9 @@
 - ``LoRALinearFunction``: an ``autograd.Function`` for eager calls. It runs the same backend methods
   without the custom-op dispatcher in between (``benchmarks/cpu_vs_peft.py`` measures what that saves).
 
-``fastlora.functional.lora_linear`` picks the second in eager mode and the first while compiling. Both
+``fastlora.functional.lora_linear`` picks the second in eager mode (``lora_linear_eager``) and the first
+while compiling. In eager mode two cheaper ways come first: a backend with a ``compose`` method builds small
+calls from stock differentiable ops, and a call that needs no gradient runs the backend's forward alone. Both
 save exactly: x (the caller's tensor, not a copy), S = x̂·Aᵀ (..., r), the seed, and the weights; and
 backward runs on the backend that ran forward (their dropout masks differ), whatever is selected by then.
 """
@@ -17,9 +19,9 @@ from typing import Any
 
 import torch
 
-from fastlora.backends import get_backend, resolve_backend
+from fastlora.backends import draw_seed, get_backend, resolve_backend
 
-__all__ = ["LoRALinearFunction", "lora_linear_op"]
+__all__ = ["LoRALinearFunction", "lora_linear_eager", "lora_linear_op"]
 
 
 def _backend(name: str, x: torch.Tensor):
@@ -29,7 +31,11 @@ def _backend(name: str, x: torch.Tensor):
 
 
 def _forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, backend):
-    y, shrink = _backend(backend, x).forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed)
+    return _run_forward(_backend(backend, x), x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed)
+
+
+def _run_forward(backend, x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
+    y, shrink = backend.forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed)
     # A backend may hand back its 2-D result reshaped to (..., N) with .view (the triton backend does; the
     # torch backend allocates y in its final shape instead). A custom Function's output that is a view
     # cannot be modified in place (autograd raises) and FSDP2 warns that an in-place op on it would skip its
@@ -136,7 +142,11 @@ class LoRALinearFunction(torch.autograd.Function):
     def forward(ctx, x, weight, bias, lora_A, lora_B, params):
         scaling, dropout_p, seed, backend = params
         y, shrink = _forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, backend)
-        ctx.save_for_backward(x, weight, lora_A, lora_B, shrink, seed)
+        # A quantised weight (fastlora.nf4.NF4Weight) is not a tensor: it rides on ctx. It holds only the
+        # frozen weight's own storage, nothing of this call's activations.
+        dense = isinstance(weight, torch.Tensor)
+        ctx.save_for_backward(x, weight if dense else None, lora_A, lora_B, shrink, seed)
+        ctx.quantized = None if dense else weight
         ctx.params = (scaling, dropout_p, backend)
         ctx.needs = _needs(ctx.needs_input_grad)
         return y
@@ -145,7 +155,28 @@ class LoRALinearFunction(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_y):
         x, weight, lora_A, lora_B, shrink, seed = ctx.saved_tensors
+        weight = weight if ctx.quantized is None else ctx.quantized
         scaling, dropout_p, backend = ctx.params
         dx, da, db_, dw, dbias = _backward(grad_y, x, weight, lora_A, lora_B, shrink, scaling, dropout_p, seed,
                                            ctx.needs, backend)  # fmt: skip
         return dx, dw, dbias, da, db_, None
+
+
+def lora_linear_eager(x, weight, bias, lora_A, lora_B, scaling, dropout_p, generator, backend) -> torch.Tensor:
+    """The eager call, in the cheapest form that gives the same result and gradients (host time decides
+    at small sizes, see ``fastlora bench --host``). ``backend`` is a backend object that runs here; the
+    dropout seed is drawn from ``generator`` (default: PyTorch's for x's device) only where one is needed."""
+    compose = getattr(backend, "compose", None)
+    if compose is not None:
+        y = compose(x, weight, bias, lora_A, lora_B, scaling, dropout_p, generator)
+        if y is not None:
+            return y
+    seed = draw_seed(x.device, generator) if dropout_p > 0.0 else None
+    if torch.is_grad_enabled() and (
+        x.requires_grad or lora_A.requires_grad or lora_B.requires_grad
+        or getattr(weight, "requires_grad", False)  # an NF4Weight is frozen: it has no requires_grad
+        or (bias is not None and bias.requires_grad)
+    ):  # fmt: skip
+        return LoRALinearFunction.apply(x, weight, bias, lora_A, lora_B, (scaling, dropout_p, seed, backend.name))
+    # Nothing to differentiate (inference, no_grad): no Function, nothing saved.
+    return _run_forward(backend, x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed)[0]

@@ -13,7 +13,7 @@ import torch
 import fastlora
 from fastlora import reference
 from fastlora.backends import get_backend
-from fastlora.functional import _draw_seed
+from fastlora.backends import draw_seed
 
 __all__ = ["FLOOR", "Case", "make_case", "layout", "run", "rel_err", "keep_mask_for", "check_case",
            "check_finite_differences"]  # fmt: skip
@@ -91,7 +91,7 @@ def run(fn, t: dict, grad_out: torch.Tensor) -> dict[str, torch.Tensor]:
     y.backward(grad_out.to(y.dtype))
     result = {"y": y.detach()}
     for name, v in t.items():
-        if v is not None and v.requires_grad:
+        if isinstance(v, torch.Tensor) and v.requires_grad:  # an NF4 weight is frozen
             result["d" + name] = v.grad
     return result
 
@@ -109,14 +109,18 @@ def rel_err(value: torch.Tensor, truth: torch.Tensor) -> float:
 def keep_mask_for(backend_name: str, gen_seed: int, shape, p: float, device: torch.device | str = "cpu") -> torch.Tensor:
     """The keep-mask the backend draws for a call made with generator=torch.Generator().manual_seed(gen_seed)."""
     device = torch.device(device)
-    seed = _draw_seed(device, torch.Generator().manual_seed(gen_seed))
+    seed = draw_seed(device, torch.Generator().manual_seed(gen_seed))
     return get_backend(backend_name).keep_mask(seed, shape, p, device)
 
 
 def check_case(case: Case, dtype, adapter_dtype=None, *, backend_name="torch", layout_kind="contiguous", gen_seed=7,
-               device: torch.device | str = "cpu"):  # fmt: skip
+               device: torch.device | str = "cpu", nf4_blocksize: int | None = None, double_quant: bool = True):  # fmt: skip
     """Assert that fastlora's output and gradients are within 2x PyTorch's own same-dtype error (plus a
-    unit-roundoff floor) of the float64 truth. Returns the errors, for tests that want to look further."""
+    unit-roundoff floor) of the float64 truth. Returns the errors, for tests that want to look further.
+
+    With ``nf4_blocksize`` the base weight is NF4-quantised (``fastlora.nf4``) and fastlora gets the
+    quantised weight; the truth and PyTorch's own run use its dequantised values (in float64, and rounded to
+    ``dtype``), so the error measured is the op's, not the quantisation's."""
     adapter_dtype = adapter_dtype or dtype
     k = case.x.shape[-1]
     mask = None
@@ -135,16 +139,23 @@ def check_case(case: Case, dtype, adapter_dtype=None, *, backend_name="torch", l
         return fastlora.lora_linear(x, t["weight"], t["bias"], t["lora_A"], t["lora_B"], case.scaling,
                                     case.dropout_p, generator=torch.Generator().manual_seed(gen_seed))  # fmt: skip
 
-    truth = run(ref, case.tensors(torch.float64, torch.float64, device), grad_out)
-    pytorch = run(ref, case.tensors(dtype, dtype, device), grad_out)  # PyTorch's own error in this dtype
+    truth_t, pytorch_t = case.tensors(torch.float64, torch.float64, device), case.tensors(dtype, dtype, device)
     ours_t = case.tensors(dtype, adapter_dtype, device)
+    if nf4_blocksize is not None:
+        from fastlora import nf4
+
+        q = nf4.quantize(case.weight.float(), nf4_blocksize, double_quant).to(device)
+        truth_t["weight"], pytorch_t["weight"] = nf4.dequantize(q, torch.float32).double(), nf4.dequantize(q, dtype)
+        ours_t["weight"] = q
+    truth = run(ref, truth_t, grad_out)
+    pytorch = run(ref, pytorch_t, grad_out)  # PyTorch's own error in this dtype
     got = run(ours, ours_t, grad_out)
 
     assert got["y"].dtype == dtype
     errors = {}
     for key, want in truth.items():
         assert key in got, f"missing gradient {key}"
-        param = ours_t[key[1:]] if key != "y" else None
+        param = ours_t[key[1:]] if key != "y" else None  # (no gradient key exists for a frozen NF4 weight)
         if param is not None:
             assert got[key].dtype == param.dtype, f"{key}: dtype {got[key].dtype}, parameter is {param.dtype}"
         e_ours, e_torch = rel_err(got[key], want), rel_err(pytorch[key], want)

@@ -31,10 +31,38 @@ def _fresh_backend_resolution():
     forget_resolved()
 
 
-@pytest.fixture(params=cpu_backends())
-def backend(request):
-    with fastlora.use_backend(request.param):
-        yield request.param
+def _backend_params() -> list:
+    """Each CPU backend; the torch backend twice: its op (``forward``/``backward`` under the autograd
+    Function) and its ``compose`` path (stock differentiable ops), which calls take by size."""
+    params = []
+    for name in cpu_backends():
+        params.append(pytest.param((name, "op"), id=name))
+        if name == "torch":
+            params.append(pytest.param((name, "composed"), id="torch-composed"))
+    return params
+
+
+@pytest.fixture(params=_backend_params())
+def backend(request, monkeypatch):
+    name, path = request.param
+    if name == "torch":
+        from fastlora.backends import torch_backend
+
+        # Every call composed, or none: the size threshold between the two is tuned for speed, not tests.
+        for threshold in ("_COMPOSE_MAX", "_COMPOSE_MAX_DROPOUT"):
+            monkeypatch.setattr(torch_backend, threshold, (1 << 62) if path == "composed" else -1)
+    with fastlora.use_backend(name):
+        yield name
+
+
+@pytest.fixture
+def op_path(monkeypatch):
+    """The torch backend runs every call through the op (its autograd Function), never composed: for tests
+    that check the op itself ran, whatever the call's size."""
+    from fastlora.backends import torch_backend
+
+    for threshold in ("_COMPOSE_MAX", "_COMPOSE_MAX_DROPOUT"):
+        monkeypatch.setattr(torch_backend, threshold, -1)
 
 
 def interpreting() -> bool:

@@ -11,13 +11,18 @@ import torch
 
 triton = pytest.importorskip("triton")
 
-from fastlora.kernels import _launch, lora_expand, lora_linear, lora_shrink  # noqa: E402
+from fastlora.kernels import _launch, lora_expand, lora_linear, lora_shrink, weight_tile  # noqa: E402
 from fastlora.kernels._launch import load_tuning, m_bucket, save_tuning  # noqa: E402
 
+# The weight-format flags of the pointer GEMMs (kernels/weight_tile.weight_args): dense, and NF4.
+DENSE = {"WEIGHT_FORMAT": weight_tile.DENSE, "QBLOCK": 1, "DOUBLE_QUANT": False}
+NF4 = {"WEIGHT_FORMAT": weight_tile.NF4, "QBLOCK": 64, "DOUBLE_QUANT": True}
 # Each kernel with flags its launcher sets (in the launcher's order) and a layer shape.
 KERNELS = [
-    (lora_linear._FWD, {"HAS_BIAS": True, "DOT_PRECISION": "ieee", "BLOCK_R": 16}, {"N": 4096, "K": 4096, "R": 16}),
-    (lora_linear._BWD, {"DROPOUT": True, "DOT_PRECISION": "ieee", "BLOCK_R": 16}, {"N": 4096, "K": 4096, "R": 16}),
+    (lora_linear._FWD, {"HAS_BIAS": True, **DENSE, "DOT_PRECISION": "ieee", "BLOCK_R": 16}, {"N": 4096, "K": 4096, "R": 16}),
+    (lora_linear._BWD, {"DROPOUT": True, **DENSE, "DOT_PRECISION": "ieee", "BLOCK_R": 16}, {"N": 4096, "K": 4096, "R": 16}),
+    (lora_linear._FWD, {"HAS_BIAS": True, **NF4, "DOT_PRECISION": "ieee", "BLOCK_R": 16}, {"N": 4096, "K": 4096, "R": 16}),
+    (lora_linear._BWD, {"DROPOUT": True, **NF4, "DOT_PRECISION": "ieee", "BLOCK_R": 16}, {"N": 4096, "K": 4096, "R": 16}),
     (lora_linear._FWD_TMA, {"HAS_BIAS": True, "DOT_PRECISION": "ieee", "BLOCK_R": 16}, {"N": 4096, "K": 4096, "R": 16}),
     (lora_linear._BWD_TMA, {"DROPOUT": True, "DOT_PRECISION": "ieee", "BLOCK_R": 16}, {"N": 4096, "K": 4096, "R": 16}),
     (lora_shrink._FWD, {"DROPOUT": False, "DOT_PRECISION": "ieee", "BLOCK_R": 16}, {"K": 4096, "R": 16}),
@@ -46,7 +51,8 @@ def test_m_buckets():
     assert all(b >= m and b < 2 * m for m, b in zip(range(1, 8193), buckets))  # never more than 2x M
 
 
-@pytest.mark.parametrize("index", range(len(KERNELS)), ids=[k[0].kernel.__name__ for k in KERNELS])
+@pytest.mark.parametrize("index", range(len(KERNELS)),
+                         ids=[k[0].kernel.__name__ + ("_nf4" if k[1].get("WEIGHT_FORMAT") else "") for k in KERNELS])
 def test_every_m_from_1_to_8192_tunes_a_bounded_number_of_times(fresh_tables, index):
     tunable, flags, sizes = KERNELS[index]
     timed = []

@@ -22,6 +22,31 @@ def _args(case, dtype=torch.float32):
     return t["x"], t["weight"], t["bias"], t["lora_A"], t["lora_B"], case.scaling
 
 
+def test_default_generator_mask_matches_reference(request, backend):
+    """Without a generator the mask comes from PyTorch's default one: the op's from a seed drawn there,
+    a composed call's from F.dropout (TorchBackend.compose). Either way torch.manual_seed fixes it, and
+    output and gradients are the reference's under that mask."""
+    case = make_case((5, 8), 24, 16, 4, dropout_p=0.3)
+    t = case.tensors(torch.float32, torch.float32)
+    torch.manual_seed(3)
+    y = fastlora.lora_linear(t["x"], t["weight"], t["bias"], t["lora_A"], t["lora_B"], case.scaling, 0.3)
+    grad_out = torch.randn(y.shape, generator=torch.Generator().manual_seed(1))
+    y.backward(grad_out)
+    torch.manual_seed(3)
+    if request.node.callspec.id.startswith("torch-composed"):
+        mask = F.dropout(torch.ones(40, 24), 0.3, True) != 0
+    else:
+        seed = torch.randint(1 << 62, (1,), dtype=torch.int64)  # what draw_seed draws
+        mask = get_backend(backend).keep_mask(seed, (40, 24), 0.3, CPU)
+    ref = {k: v.detach().double().requires_grad_() for k, v in t.items() if v is not None}
+    y_ref = reference.lora_linear(ref["x"], ref["weight"], ref["bias"], ref["lora_A"], ref["lora_B"], case.scaling,
+                                  mask.view(5, 8, 24), 0.3)  # fmt: skip
+    y_ref.backward(grad_out.double())
+    torch.testing.assert_close(y.double(), y_ref, rtol=1e-5, atol=1e-6)
+    for name in ("x", "lora_A", "lora_B"):
+        torch.testing.assert_close(t[name].grad.double(), ref[name].grad, rtol=1e-5, atol=1e-6)
+
+
 def test_same_seed_same_result(backend):
     args = _args(make_case((40,), 24, 16, 4))
     torch.manual_seed(123)

@@ -21,17 +21,27 @@ def _pair(p, dtype=torch.float32):
     return ours, theirs
 
 
+def _composed_with_dropout(request, p) -> bool:
+    """The torch backend's composed calls with dropout save x̂ and the mask, as PEFT does; by default only
+    calls with x of at most ``_COMPOSE_MAX_DROPOUT`` elements (a few KiB) compose (tests/test_ops.py)."""
+    return p > 0 and request.node.callspec.id.startswith("torch-composed")
+
+
 @pytest.mark.parametrize("p", [0.0, 0.1])
-def test_saves_only_x_shrink_and_seed(backend, p):
+def test_saves_only_x_shrink_and_seed(request, backend, p):
     ours, _ = _pair(p)
     x = torch.randn(4, M // 4, K, requires_grad=True)
     _, saved = saved_activation_bytes(lambda: ours(x), exclude=ours.parameters())
     expected = x.numel() * 4 + M * R * 4 + (8 if p > 0 else 0)  # x, S (fp32), the int64 seed
+    if _composed_with_dropout(request, p):
+        expected = 2 * x.numel() * 4 + M * R * 4  # x̂ and the fp32 0/1 mask instead of x and the seed
     assert saved == expected
 
 
 @pytest.mark.parametrize("p,target", [(0.0, 1.0), (0.1, 0.55)])
-def test_saved_bytes_against_peft(backend, p, target):
+def test_saved_bytes_against_peft(request, backend, p, target):
+    if _composed_with_dropout(request, p):
+        pytest.skip("composed calls with dropout save what PEFT saves (x̂ and the mask): tiny calls only")
     ours, theirs = _pair(p)
     x = torch.randn(M, K, requires_grad=True)
     params = list(ours.parameters()) + list(theirs.parameters())

@@ -35,6 +35,7 @@ __all__ = [
     "use_backend",
     "backend_status",
     "forget_resolved",
+    "draw_seed",
 ]
 
 AUTO = "auto"
@@ -155,3 +156,16 @@ def _resolve(name: str, device: torch.device, dtype: torch.dtype | None) -> Any:
 def backend_status(device: torch.device) -> dict[str, str | None]:
     """For each registered backend: None when it can run on ``device``, else the reason it cannot."""
     return {name: _reason(name, device) for name in BACKEND_NAMES}
+
+
+# Seeds are drawn below 2⁶² so that every backend can take them as a signed 64-bit integer.
+_SEED_BOUND = 1 << 62
+
+
+def draw_seed(device: torch.device, generator: torch.Generator | None) -> torch.Tensor:
+    """A (1,) int64 dropout seed on ``device``, drawn from ``generator`` or from PyTorch's default generator
+    for ``device`` (so ``torch.manual_seed`` reproduces a run). It stays on the device: no host sync."""
+    if generator is None:
+        return torch.randint(_SEED_BOUND, (1,), device=device, dtype=torch.int64)
+    seed = torch.randint(_SEED_BOUND, (1,), device=generator.device, dtype=torch.int64, generator=generator)
+    return seed.to(device)

@@ -10,6 +10,10 @@ few times as PyTorch allows and saves as little as the math needs.
   element as int32 and comparing with a threshold is about 2.5x faster on the CPU than
   ``bernoulli_``, which is what makes regenerating cheaper than storing.
 - Saved for backward (by the op, not here): x itself, S (M × r) and the seed.
+- Small calls (``compose``) are built from stock differentiable ops instead of going through the op's
+  ``autograd.Function``: at those sizes the arithmetic is negligible and host time decides, and autograd's
+  own C++ nodes cost a fraction of a Python Function's forward and backward. They save the same tensors
+  at p = 0 (x itself, S, the weights); with dropout the (small) mask and x̂ too.
 """
 
 from __future__ import annotations
@@ -18,6 +22,9 @@ import math
 import threading
 
 import torch
+import torch.nn.functional as F
+
+from fastlora.backends import draw_seed
 
 # Keep-mask resolution: an element is kept when its 31 uniform bits are >= round(p · 2³¹), so the
 # realised drop probability is within 2⁻³² of p (finer than torch.rand's 24 bits).
@@ -25,6 +32,29 @@ _MASK_BITS = 31
 # Up to this many elements the mask is one bernoulli_ call instead (same distribution, other numbers; the
 # choice depends only on the shape, so forward and backward still draw the same mask).
 _SMALL_MASK = 4096
+# Calls with M·max(K, N) up to this many elements run as stock ops (``compose``): there host time decides
+# (``fastlora bench --host``), above it the op's fewer passes over (M, K) in backward (dX accumulated in one
+# GEMM) are worth its fixed host time. With dropout the composed call saves x̂ and the mask as PEFT does, so
+# only calls with at most _COMPOSE_MAX_DROPOUT elements in x compose then: a few KiB, where the op saves
+# neither.
+_COMPOSE_MAX = 1 << 16
+_COMPOSE_MAX_DROPOUT = 4096
+
+
+# A quantised base is dequantised this many elements at a time (whole rows, at least one): 2 MiB in bf16,
+# 1/16 of a 4096 × 4096 layer's full-precision weight, and large enough for the GEMM to run at speed.
+_DEQUANT_CHUNK = 1 << 20
+
+
+def _row_chunks(weight, dtype: torch.dtype):
+    """(first row, rows of W dequantised into ``dtype``) for consecutive chunks of a quantised (N, K) weight:
+    only one chunk exists in full precision at a time."""
+    from fastlora.nf4 import dequantize_rows
+
+    n, k = weight.shape
+    rows = max(1, _DEQUANT_CHUNK // k)
+    for start in range(0, n, rows):
+        yield start, dequantize_rows(weight, start, min(n, start + rows), dtype)
 
 
 class TorchBackend:
@@ -68,6 +98,41 @@ class TorchBackend:
         bits = torch.empty(shape, dtype=torch.int32, device=device).random_(generator=gen)  # [0, 2³¹)
         return torch.ge(bits, round(dropout_p * (1 << _MASK_BITS)), out=torch.empty(shape, dtype=dtype, device=device))
 
+    def compose(self, x, weight, bias, lora_A, lora_B, scaling, dropout_p, generator) -> torch.Tensor | None:
+        """y (..., N) built from differentiable stock ops (autograd differentiates it), or None when the call
+        is too large to be worth it (the caller runs the op instead). Inputs as ``forward``'s, except the
+        dropout mask's source: with a ``generator``, the mask ``forward`` draws from a seed drawn from it;
+        without one, ``F.dropout``'s from PyTorch's default generator (one op instead of five: seed, host
+        read, reseed, draw, multiply; ``torch.manual_seed`` still reproduces it, but it is not the mask the
+        op or a compiled graph would draw).
+
+        Three ops at p = 0: S = x·Aᵀ, base = x·Wᵀ + b, y = base + s·S·Bᵀ (one addmm).
+        """
+        if not isinstance(weight, torch.Tensor):  # a quantised base: the op dequantises it in chunks
+            return None
+        in_features, out_features = x.shape[-1], weight.shape[0]
+        numel = x.numel()
+        if numel > (_COMPOSE_MAX if dropout_p == 0.0 else _COMPOSE_MAX_DROPOUT) or (
+            numel // max(in_features, 1)
+        ) * out_features > _COMPOSE_MAX:
+            return None
+        dtype = x.dtype
+        a = lora_A if lora_A.dtype == dtype else lora_A.to(dtype)
+        b = lora_B if lora_B.dtype == dtype else lora_B.to(dtype)
+        x2 = x if x.dim() == 2 else x.reshape(-1, in_features)
+        if dropout_p == 0.0:
+            x_hat = x2
+        elif generator is None:
+            x_hat = F.dropout(x2, dropout_p, True)
+        else:
+            # 0/1 mask; 1/(1 - p) rides on the last GEMM's alpha, where it costs no pass of its own.
+            seed = draw_seed(x.device, generator)
+            x_hat = x2 * self._keep(seed, x2.shape, dropout_p, x.device, dtype)
+            scaling = scaling / (1.0 - dropout_p)
+        y = torch.addmm(F.linear(x2, weight, bias), F.linear(x_hat, a), b.t(), alpha=scaling)
+        # Not a view (see ops._forward why): _unsafe_view is how matmul folds batch dimensions too.
+        return y if x.dim() == 2 else torch.ops.aten._unsafe_view(y, (*x.shape[:-1], out_features))
+
     def forward(
         self,
         x: torch.Tensor,
@@ -105,7 +170,11 @@ class TorchBackend:
             y2.addmm_(shrink, b.t(), beta=0, alpha=scaling)  # beta=0: y2's uninitialised values are ignored
         else:
             torch.addmm(bias, shrink, b.t(), alpha=scaling, out=y2)
-        y2.addmm_(x2, weight.t())
+        if isinstance(weight, torch.Tensor):
+            y2.addmm_(x2, weight.t())
+        else:
+            for start, w in _row_chunks(weight, dtype):  # + x·W[rows]ᵀ, one chunk of dequantised rows at a time
+                y2[:, start : start + w.shape[0]].addmm_(x2, w.t())
         return y, (shrink if x.dim() == 2 else shrink.view(*lead, rank))
 
     def backward(
@@ -150,7 +219,11 @@ class TorchBackend:
             grad_x = torch.mm(d_shrink, a)  # (M, K)
             if keep is not None:
                 grad_x.mul_(keep)
-            grad_x.addmm_(g, weight)  # + G·W, accumulated in the GEMM
+            if isinstance(weight, torch.Tensor):
+                grad_x.addmm_(g, weight)  # + G·W, accumulated in the GEMM
+            else:
+                for start, w in _row_chunks(weight, dtype):  # + G[:, rows]·W[rows]
+                    grad_x.addmm_(g[:, start : start + w.shape[0]], w)
             grad_x = grad_x if flat else grad_x.view(x.shape)
 
         grad_a = None

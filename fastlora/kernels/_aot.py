@@ -22,7 +22,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from fastlora.kernels import lora_expand, lora_linear, lora_shrink
+from fastlora.kernels import lora_expand, lora_linear, lora_shrink, weight_tile
 from fastlora.kernels._launch import Tunable
 
 __all__ = ["Variant", "Report", "variants", "compile_variant", "SHARED_MEMORY_LIMIT"]
@@ -32,6 +32,7 @@ SHARED_MEMORY_LIMIT = {90: 227 * 1024, 80: 163 * 1024}  # bytes a block may use 
 _TRITON_TYPES = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}
 _ITEMSIZE = {"float16": 2, "bfloat16": 2, "float32": 4}
 _DATA_POINTERS = {"x_ptr", "w_ptr", "bias_ptr", "g_ptr", "s_ptr", "y_ptr", "dx_ptr"}
+_WEIGHT_TILE_POINTERS = ("w_ptr", "absmax_ptr", "absmax_code_ptr", "absmax_scale_ptr", "absmax_offset_ptr", "nf4_ptr")
 _ADAPTER_POINTERS = {"a_ptr", "b_ptr"}
 _FP32_POINTERS = {"ds_ptr", "db_ptr", "da_ptr"}  # d_shrink and the split-reduction partials
 
@@ -96,11 +97,24 @@ def _boxes(variant: Variant) -> dict[str, list[int]]:
     return boxes(variant.config.kwargs) if boxes else {}
 
 
-def _signature(kernel, dtype: str, adapter_dtype: str, boxes: dict[str, list[int]]) -> dict[str, str]:
+def _weight_pointers(flags: dict, dtype: str) -> dict[str, str]:
+    """The types of the weight-tile arguments (kernels/weight_tile.py): an NF4 weight's codes and tables, or
+    for a dense weight W itself and unused pointers at the main input (what ``weight_args`` passes)."""
+    data = "*" + _TRITON_TYPES[dtype]
+    if flags.get("WEIGHT_FORMAT", weight_tile.DENSE) == weight_tile.DENSE:
+        return dict.fromkeys(_WEIGHT_TILE_POINTERS, data)
+    return {**dict.fromkeys(_WEIGHT_TILE_POINTERS, "*fp32"), "w_ptr": "*u8",
+            "absmax_ptr": "*u8" if flags["DOUBLE_QUANT"] else "*fp32"}  # fmt: skip
+
+
+def _signature(kernel, dtype: str, adapter_dtype: str, boxes: dict[str, list[int]], flags: dict) -> dict[str, str]:
     sig = {}
+    weight = _weight_pointers(flags, dtype)
     for i, name in enumerate(kernel.arg_names):
         if i in kernel.constexprs:
             sig[name] = "constexpr"
+        elif name in weight:
+            sig[name] = weight[name]
         elif name in boxes:  # what the JIT makes of a host-side TensorDescriptor
             sig[name] = f"tensordesc<{_TRITON_TYPES[dtype]}{boxes[name]}>"
         elif name in _DATA_POINTERS:
@@ -121,9 +135,15 @@ def _signature(kernel, dtype: str, adapter_dtype: str, boxes: dict[str, list[int
 
 
 # Each kernel with the flags its launcher can set; the last value of each is the heaviest (most registers).
+# The pointer GEMMs twice: with a dense W, and with an NF4 W dequantised in their main loop (blocks of 64,
+# bitsandbytes' default; the block size changes only a shift).
+_DENSE = {"WEIGHT_FORMAT": [weight_tile.DENSE], "QBLOCK": [1], "DOUBLE_QUANT": [False]}
+_NF4 = {"WEIGHT_FORMAT": [weight_tile.NF4], "QBLOCK": [64], "DOUBLE_QUANT": [False, True]}
 _KERNELS = [
-    (lora_linear._FWD, {"HAS_BIAS": [False, True], "BLOCK_R": [lora_linear.PROLOGUE_BLOCK_R]}, True),
-    (lora_linear._BWD, {"DROPOUT": [False, True], "BLOCK_R": [lora_linear.PROLOGUE_BLOCK_R]}, True),
+    (lora_linear._FWD, {"HAS_BIAS": [False, True], **_DENSE, "BLOCK_R": [lora_linear.PROLOGUE_BLOCK_R]}, True),
+    (lora_linear._BWD, {"DROPOUT": [False, True], **_DENSE, "BLOCK_R": [lora_linear.PROLOGUE_BLOCK_R]}, True),
+    (lora_linear._FWD, {"HAS_BIAS": [False, True], **_NF4, "BLOCK_R": [lora_linear.PROLOGUE_BLOCK_R]}, True),
+    (lora_linear._BWD, {"DROPOUT": [False, True], **_NF4, "BLOCK_R": [lora_linear.PROLOGUE_BLOCK_R]}, True),
     (lora_linear._FWD_TMA, {"HAS_BIAS": [False, True], "BLOCK_R": [lora_linear.PROLOGUE_BLOCK_R]}, True),
     (lora_linear._BWD_TMA, {"DROPOUT": [False, True], "BLOCK_R": [lora_linear.PROLOGUE_BLOCK_R]}, True),
     (lora_shrink._FWD, {"DROPOUT": [False, True], "BLOCK_R": [16, 32, lora_shrink.FWD_MAX_BLOCK_R]}, False),
@@ -196,7 +216,7 @@ def compile_variant(variant: Variant, arch: int) -> Report:
     ones, attrs = _specialisation(kernel, variant.contiguous)
     constexprs = {**variant.config.kwargs, **flags, **_extra_constexprs(variant.tunable, flags),
                   "DOT_PRECISION": precision, **ones}  # fmt: skip
-    signature = _signature(kernel, variant.dtype, variant.adapter_dtype, _boxes(variant))
+    signature = _signature(kernel, variant.dtype, variant.adapter_dtype, _boxes(variant), flags)
     signature.update({n: "constexpr" for n in ones})
     src = ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
     options = {"num_warps": variant.config.num_warps, "num_stages": variant.config.num_stages}

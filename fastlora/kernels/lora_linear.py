@@ -28,6 +28,7 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 from fastlora.kernels import _launch
 from fastlora.kernels._launch import Tunable, cdiv, dot_precision, triton_version
 from fastlora.kernels.dropout import keep, keep_threshold, seed_pointer
+from fastlora.kernels.weight_tile import NF4, load_w_tile, weight_args
 
 __all__ = ["lora_linear_fwd", "lora_linear_bwd", "uses_tma"]
 
@@ -105,12 +106,15 @@ def _epilogue(acc, out_ptr, bias_ptr, rm, rn, M, N, stride_om, stride_on, HAS_BI
 
 @triton.jit
 def _lora_linear_fwd_kernel(
-    x_ptr, w_ptr, bias_ptr, s_ptr, b_ptr, y_ptr,
+    x_ptr, w_ptr, absmax_ptr, absmax_code_ptr, absmax_scale_ptr, absmax_offset_ptr, nf4_ptr,
+    bias_ptr, s_ptr, b_ptr, y_ptr,
     M, N, K, R, scaling,
     stride_xm, stride_xk, stride_wn, stride_wk, stride_sm, stride_sr, stride_bn, stride_br, stride_ym, stride_yn,
-    HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_R: tl.constexpr,
+    HAS_BIAS: tl.constexpr, WEIGHT_FORMAT: tl.constexpr, QBLOCK: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, BLOCK_R: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):  # fmt: skip
+    """Y tile (BLOCK_M × BLOCK_N); W dense or NF4 (weight_tile.load_w_tile)."""
     pid_m, pid_n = _grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -122,22 +126,25 @@ def _lora_linear_fwd_kernel(
         rk = k0 + tl.arange(0, BLOCK_K)
         x = tl.load(x_ptr + rm64[:, None] * stride_xm + rk[None, :] * stride_xk,
                     mask=(rm[:, None] < M) & (rk[None, :] < K), other=0.0)  # fmt: skip
-        w_t = tl.load(w_ptr + rn64[None, :] * stride_wn + rk[:, None] * stride_wk,
-                      mask=(rn[None, :] < N) & (rk[:, None] < K), other=0.0)  # fmt: skip
-        acc = tl.dot(x, w_t, acc, input_precision=DOT_PRECISION)
+        w_t = load_w_tile(w_ptr, absmax_ptr, absmax_code_ptr, absmax_scale_ptr, absmax_offset_ptr, nf4_ptr,
+                          rn64[None, :], rk[:, None], (rn[None, :] < N) & (rk[:, None] < K), stride_wn, stride_wk, K,
+                          WEIGHT_FORMAT, QBLOCK, DOUBLE_QUANT)  # fmt: skip
+        acc = tl.dot(x, w_t.to(x.dtype), acc, input_precision=DOT_PRECISION)
     _epilogue(acc, y_ptr, bias_ptr, rm, rn, M, N, stride_ym, stride_yn, HAS_BIAS)
 
 
 @triton.jit
 def _lora_linear_bwd_kernel(
-    g_ptr, w_ptr, ds_ptr, a_ptr, dx_ptr, seed_ptr,
+    g_ptr, w_ptr, absmax_ptr, absmax_code_ptr, absmax_scale_ptr, absmax_offset_ptr, nf4_ptr,
+    ds_ptr, a_ptr, dx_ptr, seed_ptr,
     M, N, K, R, threshold, inv_keep,
     stride_gm, stride_gn, stride_wn, stride_wk, stride_dsm, stride_dsr, stride_ar, stride_ak,
     stride_dxm, stride_dxk,
-    DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_R: tl.constexpr,
+    DROPOUT: tl.constexpr, WEIGHT_FORMAT: tl.constexpr, QBLOCK: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, BLOCK_R: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):  # fmt: skip
-    """dX tile (BLOCK_M × BLOCK_K); the reduction runs over N in steps of BLOCK_N."""
+    """dX tile (BLOCK_M × BLOCK_K); the reduction runs over N in steps of BLOCK_N; W dense or NF4."""
     pid_m, pid_k = _grouped_tile(tl.program_id(0), M, K, BLOCK_M, BLOCK_K, GROUP_M)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rk = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
@@ -151,9 +158,10 @@ def _lora_linear_bwd_kernel(
         rn64 = rn.to(tl.int64)
         g = tl.load(g_ptr + rm64[:, None] * stride_gm + rn64[None, :] * stride_gn,
                     mask=(rm[:, None] < M) & (rn[None, :] < N), other=0.0)  # fmt: skip
-        w = tl.load(w_ptr + rn64[:, None] * stride_wn + rk64[None, :] * stride_wk,
-                    mask=(rn[:, None] < N) & (rk[None, :] < K), other=0.0)  # fmt: skip
-        acc = tl.dot(g, w, acc, input_precision=DOT_PRECISION)
+        w = load_w_tile(w_ptr, absmax_ptr, absmax_code_ptr, absmax_scale_ptr, absmax_offset_ptr, nf4_ptr,
+                        rn64[:, None], rk64[None, :], (rn[:, None] < N) & (rk[None, :] < K), stride_wn, stride_wk, K,
+                        WEIGHT_FORMAT, QBLOCK, DOUBLE_QUANT)  # fmt: skip
+        acc = tl.dot(g, w.to(g.dtype), acc, input_precision=DOT_PRECISION)
     _epilogue(acc, dx_ptr, dx_ptr, rm, rk, M, K, stride_dxm, stride_dxk, False)
 
 
@@ -323,13 +331,33 @@ def _bwd_fit(configs: list[triton.Config], flags: dict, arch: int, itemsize: int
             and _per_thread(c, "BLOCK_M", "BLOCK_K") <= most and not _wide_fp32_on_four_warps(c, itemsize)]  # fmt: skip
 
 
+# With an NF4 weight every W element is decoded in registers (its byte, its absmax, a lookup in the
+# 16-value table), and the software pipeline stages those gathers in shared memory as well: smaller tiles
+# and two stages keep both within bounds. Spill-free on sm_90 and sm_80 (Triton 3.4, 3.6, 3.9); dropped:
+# 64 × 64 × 64 on 4 warps (24 bytes of spill on sm_90 with 16-bit inputs on 3.9, 16 for dX on sm_80),
+# 16-row decode tiles on 4 warps (8 to 400 bytes on 3.4 and 3.6; the decode of a W tile needs its
+# registers spread over 8 warps). The 128-row tiles run on sm_90 only: on sm_80 they spill 8 to 16 bytes
+# (3.6, 3.9).
+_NF4_FWD_CONFIGS = [
+    _cfg(128, 64, 64, 8, 2),
+    _cfg(128, 64, 32, 8, 2),
+    _cfg(64, 64, 32, 4, 2),
+    _cfg(16, 64, 32, 8, 2, group=1),
+]
+
+
+def _nf4_configs(arch: int) -> list[triton.Config]:
+    return _NF4_FWD_CONFIGS if arch >= 90 else _NF4_FWD_CONFIGS[2:]
+
+
 def _fwd_configs(flags: dict, arch: int, itemsize: int) -> list[triton.Config]:
-    return _fwd_fit(_FWD_CONFIGS, arch, itemsize)
+    return _fwd_fit(_nf4_configs(arch) if flags["WEIGHT_FORMAT"] == NF4 else _FWD_CONFIGS, arch, itemsize)
 
 
 def _bwd_configs(flags: dict, arch: int, itemsize: int) -> list[triton.Config]:
+    configs = _nf4_configs(arch) if flags["WEIGHT_FORMAT"] == NF4 else _FWD_CONFIGS
     swapped = [_cfg(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_K"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages,
-                    c.kwargs["GROUP_M"]) for c in _FWD_CONFIGS]  # fmt: skip
+                    c.kwargs["GROUP_M"]) for c in configs]  # fmt: skip
     return _bwd_fit(swapped, flags, arch, itemsize)
 
 
@@ -439,8 +467,9 @@ def lora_linear_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     y = torch.empty((m, n), device=x.device, dtype=x.dtype)
     if m == 0:
         return y
-    flags = dict(HAS_BIAS=bias is not None, DOT_PRECISION=dot_precision(x.dtype), BLOCK_R=PROLOGUE_BLOCK_R)
-    if uses_tma(x, weight):
+    dense = isinstance(weight, torch.Tensor)
+    if dense and uses_tma(x, weight):
+        flags = dict(HAS_BIAS=bias is not None, DOT_PRECISION=dot_precision(x.dtype), BLOCK_R=PROLOGUE_BLOCK_R)
         desc = _descriptors(_fwd_boxes, x_desc=x, w_desc=weight)
         _FWD_TMA.launch(
             _persistent_grid(x.device, lambda meta: cdiv(m, meta["BLOCK_M"]) * cdiv(n, meta["BLOCK_N"]), _fwd_boxes,
@@ -451,13 +480,15 @@ def lora_linear_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
             **flags,
         )  # fmt: skip
         return y
+    (w, absmax, absmax_code, absmax_scale, absmax_offset, nf4, stride_wn, stride_wk), formats = weight_args(weight, x)
     _FWD.launch(
         lambda meta: (cdiv(m, meta["BLOCK_M"]) * cdiv(n, meta["BLOCK_N"]),),
-        x, weight, bias if bias is not None else x, shrink, lora_B, y,
+        x, w, absmax, absmax_code, absmax_scale, absmax_offset, nf4, bias if bias is not None else x, shrink,
+        lora_B, y,
         m, n, k, r, scaling,
-        x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), shrink.stride(0), shrink.stride(1),
+        x.stride(0), x.stride(1), stride_wn, stride_wk, shrink.stride(0), shrink.stride(1),
         lora_B.stride(0), lora_B.stride(1), y.stride(0), y.stride(1),
-        **flags,
+        HAS_BIAS=bias is not None, **formats, DOT_PRECISION=dot_precision(x.dtype), BLOCK_R=PROLOGUE_BLOCK_R,
     )  # fmt: skip
     return y
 
@@ -480,8 +511,9 @@ def lora_linear_bwd(grad_y: torch.Tensor, weight: torch.Tensor, d_shrink: torch.
     dx = torch.empty((m, k), device=grad_y.device, dtype=grad_y.dtype)
     if m == 0:
         return dx
-    flags = dict(DROPOUT=dropout_p > 0.0, DOT_PRECISION=dot_precision(grad_y.dtype), BLOCK_R=PROLOGUE_BLOCK_R)
-    if uses_tma(grad_y, weight):
+    dense = isinstance(weight, torch.Tensor)
+    if dense and uses_tma(grad_y, weight):
+        flags = dict(DROPOUT=dropout_p > 0.0, DOT_PRECISION=dot_precision(grad_y.dtype), BLOCK_R=PROLOGUE_BLOCK_R)
         desc = _descriptors(_bwd_boxes, g_desc=grad_y, w_desc=weight)
         _BWD_TMA.launch(
             _persistent_grid(grad_y.device, lambda meta: cdiv(m, meta["BLOCK_M"]) * cdiv(k, meta["BLOCK_K"]),
@@ -492,12 +524,14 @@ def lora_linear_bwd(grad_y: torch.Tensor, weight: torch.Tensor, d_shrink: torch.
             **flags,
         )  # fmt: skip
         return dx
+    (w, absmax, absmax_code, absmax_scale, absmax_offset, nf4, stride_wn, stride_wk), formats = weight_args(weight, grad_y)
     _BWD.launch(
         lambda meta: (cdiv(m, meta["BLOCK_M"]) * cdiv(k, meta["BLOCK_K"]),),
-        grad_y, weight, d_shrink, lora_A, dx, seed_pointer(seed, grad_y),
+        grad_y, w, absmax, absmax_code, absmax_scale, absmax_offset, nf4, d_shrink, lora_A, dx,
+        seed_pointer(seed, grad_y),
         m, n, k, r, keep_threshold(dropout_p), 1.0 / (1.0 - dropout_p),
-        grad_y.stride(0), grad_y.stride(1), weight.stride(0), weight.stride(1),
+        grad_y.stride(0), grad_y.stride(1), stride_wn, stride_wk,
         d_shrink.stride(0), d_shrink.stride(1), lora_A.stride(0), lora_A.stride(1), dx.stride(0), dx.stride(1),
-        **flags,
+        DROPOUT=dropout_p > 0.0, **formats, DOT_PRECISION=dot_precision(grad_y.dtype), BLOCK_R=PROLOGUE_BLOCK_R,
     )  # fmt: skip
     return dx
