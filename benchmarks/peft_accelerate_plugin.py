@@ -42,7 +42,7 @@ def _install() -> None:
             warnings.filterwarnings("ignore", message="fastlora.accelerate left")
             fastlora.accelerate(model)
         _counts["calls"] += 1
-        _counts["fused_layers"] += sum(type(m).__name__ == "FusedLoraLinear" for m in model.modules())
+        _counts["fused_layers"] += sum(type(m).__name__.startswith("FusedLoraLinear") for m in model.modules())
         return result
 
     inject_adapter._fastlora_accelerate = True

@@ -18,6 +18,7 @@ from fastlora.model import (
     unmerge,
 )
 from fastlora.peft_compat import accelerate
+from fastlora.quantized import NF4Linear, from_bnb, quantize, to_bnb
 from fastlora.tuning import load_tuning, save_tuning
 
 __version__ = "0.1.0"
@@ -27,6 +28,7 @@ __version__ = "0.1.0"
 __all__ = [
     "BACKEND_NAMES",
     "LoRALinear",
+    "NF4Linear",
     "__version__",
     "accelerate",
     "combine",
@@ -39,6 +41,9 @@ __all__ = [
     "load_tuning",
     "lora_linear",
     "merge",
+    "quantize",
+    "from_bnb",
+    "to_bnb",
     "save_adapter",
     "save_tuning",
     "set_adapter",

@@ -378,9 +378,14 @@ def main(argv: list[str] | None = None) -> int:
                         "(fastlora, PEFT and the bare layer; see fastlora/bench_host.py)")  # fmt: skip
     parser.add_argument("--host-calls", type=int, default=3000, help="--host: calls per timing")
     parser.add_argument("--host-repeats", type=int, default=5, help="--host: timings per variant (the best counts)")
+    parser.add_argument("--qlora", action="store_true", help="time one QLoRA layer instead (M=512, K=N=2048, r=16, "
+                        "bf16): fastlora's, PEFT's over bitsandbytes' Linear4bit, and it accelerated; see "
+                        "fastlora/bench_qlora.py")  # fmt: skip
     args = parser.parse_args(argv)
     if args.host:
         return _host(args, argv)
+    if args.qlora:
+        return _qlora(args, argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     available = [name for name, reason in backend_status(device).items() if reason is None]
     # On the CPU "triton" only runs through the interpreter (NumPy, minutes a call): no timing to be had.
@@ -404,6 +409,25 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nwrote {args.out / 'result.json'}, {args.out / 'result.md'}"
           + (f", {args.out / 'speedup.png'}" if plotted else " (no plot: matplotlib is not installed)"))  # fmt: skip
     return 1 if any("error" in r for r in rows) else 0
+
+
+def _qlora(args, argv) -> int:
+    from fastlora.bench_qlora import qlora_side_by_side
+    from fastlora.bench_qlora import to_markdown as qlora_markdown
+
+    shape = {"m": (args.tokens or [512])[0], "k": 2048, "n": 2048, "r": (args.ranks or [16])[0]}
+    start = time.time()
+    rows = qlora_side_by_side(**shape, dtype=torch.bfloat16, rounds=args.rounds)
+    result = {"environment": environment(torch.device("cpu")), "shape": shape, "rounds": args.rounds,
+              "command": "fastlora bench " + " ".join(sys.argv[2:] if argv is None else argv), "rows": rows,
+              "seconds": time.time() - start}  # fmt: skip
+    table = qlora_markdown(rows, **shape, dtype=torch.bfloat16, rounds=args.rounds)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "result.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
+    (args.out / "result.md").write_text(table + "\n")
+    print(table)
+    print(f"\nwrote {args.out / 'result.json'}, {args.out / 'result.md'}")
+    return 0
 
 
 def _host(args, argv) -> int:

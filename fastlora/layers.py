@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import warnings
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from fastlora._checks import check_adapter_name, check_bool, check_hparams, check_int, check_names
+from fastlora import nf4
 from fastlora.functional import lora_linear
+from fastlora.nf4 import NF4Weight
+from fastlora.quantized import NF4Linear, nf4_linear
 
 __all__ = ["LoRALinear", "is_conv1d"]
 
@@ -45,6 +50,11 @@ class LoRALinear(nn.Module):
     The first active adapter runs fused into the base GEMM; further active adapters add their terms with
     plain PyTorch ops. Merged adapters live in ``weight`` (see ``merge``); a layer whose active adapters
     are all merged costs what the plain layer costs.
+
+    QLoRA: on a quantised base (``from_linear(NF4Linear)``, or ``fastlora.quantize`` after ``inject``) the base
+    is the submodule ``base_layer`` (an ``NF4Linear``: codes and bias), ``weight`` and ``bias`` are None, and
+    ``quantized`` is True. x is cast to the base's ``compute_dtype`` and the output comes back in x's dtype;
+    adapters are fp32 on a bf16/fp16 compute dtype. Merging requantises (see ``merge``).
     """
 
     def __init__(
@@ -96,9 +106,19 @@ class LoRALinear(nn.Module):
         adapter_name: str = DEFAULT_ADAPTER,
     ) -> LoRALinear:
         """Wrap an ``nn.Linear`` (or transformers' ``Conv1D``): the new layer shares (does not copy) its
-        weight and bias, which get frozen."""
+        weight and bias, which get frozen. An ``fastlora.NF4Linear`` becomes the layer's ``base_layer``."""
+        if isinstance(linear, NF4Linear):
+            check_hparams(r, lora_alpha, lora_dropout, in_features=linear.in_features, out_features=linear.out_features)
+            check_bool("use_rslora", use_rslora)
+            check_adapter_name("adapter_name", adapter_name)
+            layer = cls.__new__(cls)
+            nn.Module.__init__(layer)
+            layer._setup_base(None, None, fan_in_fan_out=linear.fan_in_fan_out, base_layer=linear)
+            layer.add_adapter(adapter_name, r, lora_alpha, lora_dropout, use_rslora)
+            return layer
         if not isinstance(linear, nn.Linear) and not is_conv1d(linear):
-            raise TypeError(f"linear: expected an nn.Linear or transformers Conv1D, got {type(linear).__name__}")
+            raise TypeError(f"linear: expected an nn.Linear or transformers Conv1D, got {type(linear).__name__} "
+                            "(a fastlora.NF4Linear is taken too)")  # fmt: skip
         if not linear.weight.is_floating_point():
             raise TypeError(f"linear: expected a floating-point weight, got dtype {linear.weight.dtype}")
         in_f, out_f = linear.weight.shape if is_conv1d(linear) else linear.weight.shape[::-1]
@@ -112,14 +132,21 @@ class LoRALinear(nn.Module):
         layer.add_adapter(adapter_name, r, lora_alpha, lora_dropout, use_rslora)
         return layer
 
-    def _setup_base(self, weight: nn.Parameter, bias: nn.Parameter | None, fan_in_fan_out: bool) -> None:
+    def _setup_base(self, weight: nn.Parameter | None, bias: nn.Parameter | None, fan_in_fan_out: bool,
+                    base_layer: NF4Linear | None = None) -> None:  # fmt: skip
         self.fan_in_fan_out = fan_in_fan_out
-        self.in_features, self.out_features = weight.shape if fan_in_fan_out else weight.shape[::-1]
-        weight.requires_grad_(False)
-        self.weight = weight
-        if bias is not None:
-            bias.requires_grad_(False)
-        self.register_parameter("bias", bias)
+        if base_layer is not None:
+            self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
+            self.register_parameter("weight", None)
+            self.register_parameter("bias", None)
+            self.base_layer = base_layer
+        else:
+            self.in_features, self.out_features = weight.shape if fan_in_fan_out else weight.shape[::-1]
+            weight.requires_grad_(False)
+            self.weight = weight
+            if bias is not None:
+                bias.requires_grad_(False)
+            self.register_parameter("bias", bias)
         self.lora_A = nn.ParameterDict()
         self.lora_B = nn.ParameterDict()
         self.r: dict[str, int] = {}
@@ -131,8 +158,30 @@ class LoRALinear(nn.Module):
         self.disabled = False
         self.merged_adapters: list[str] = []
         # The base weight as it was before the first merge, kept so that unmerge restores it bit-exactly
-        # (subtracting a rounded delta would not). Costs one copy of the weight while anything is merged.
-        self._unmerged_weight: torch.Tensor | None = None
+        # (subtracting a rounded delta would not). Costs one copy of the weight while anything is merged; on a
+        # quantised base, the original NF4Weight (4-bit: cheap).
+        self._unmerged_weight: torch.Tensor | NF4Weight | None = None
+        # Quantised base only: the largest |requantised - exact| element of the merged weight now in the base
+        # (None while nothing is merged).
+        self.merge_error: float | None = None
+
+    @property
+    def quantized(self) -> bool:
+        """Whether the base is 4-bit (``base_layer``, an NF4Linear)."""
+        return self._parameters["weight"] is None
+
+    def _quantize_base(self, base_layer: NF4Linear) -> None:
+        """Replace the dense base by ``base_layer`` (fastlora.quantize does this; nothing may be merged)."""
+        self.register_parameter("weight", None)
+        self.register_parameter("bias", None)
+        self.base_layer = base_layer
+
+    def _factory(self) -> tuple[torch.device, torch.dtype]:
+        """(device, dtype) of the base: the one adapters are built on and their dtype follows."""
+        if self.quantized:
+            base = self._modules["base_layer"]
+            return base.weight.device, base.compute_dtype
+        return self.weight.device, self.weight.dtype
 
     # --- adapters -------------------------------------------------------------------------------------
 
@@ -150,7 +199,8 @@ class LoRALinear(nn.Module):
         check_adapter_name("adapter_name", name)
         if name in self.lora_A:
             raise ValueError(f"adapter_name: this layer already has an adapter named {name!r}")
-        factory = {"device": self.weight.device, "dtype": _adapter_dtype(self.weight.dtype)}
+        device, base_dtype = self._factory()
+        factory = {"device": device, "dtype": _adapter_dtype(base_dtype)}
         lora_a = nn.Parameter(torch.empty((r, self.in_features), **factory))
         lora_b = nn.Parameter(torch.zeros((self.out_features, r), **factory))
         nn.init.kaiming_uniform_(lora_a, a=math.sqrt(5))  # PEFT's default init for lora_A
@@ -183,27 +233,41 @@ class LoRALinear(nn.Module):
     # --- weights --------------------------------------------------------------------------------------
 
     def base_weight(self) -> torch.Tensor:
-        """The (out_features, in_features) weight the layer computes with now (merged adapters included)."""
+        """The (out_features, in_features) weight the layer computes with now (merged adapters included);
+        on a quantised base, dequantised into the compute dtype."""
+        if self.quantized:
+            base = self._modules["base_layer"]
+            return nf4.dequantize(base.weight, base.compute_dtype)
         return self.weight.t() if self.fan_in_fan_out else self.weight
 
+    def _original_nf4(self) -> NF4Weight:
+        return self._unmerged_weight if self._unmerged_weight is not None else self._modules["base_layer"].weight
+
     def _original_weight(self) -> torch.Tensor:
+        if self.quantized:  # exact fp32 values of the original codes
+            return nf4.dequantize(self._original_nf4(), torch.float32)
         w = self._unmerged_weight if self._unmerged_weight is not None else self.weight
         return w.t() if self.fan_in_fan_out else w
 
     def delta_weight(self, names: list[str]) -> torch.Tensor:
         """Σ s·B·A over ``names``, (out_features, in_features), in fp32."""
-        delta = torch.zeros((self.out_features, self.in_features), device=self.weight.device, dtype=torch.float32)
+        delta = torch.zeros((self.out_features, self.in_features), device=self._factory()[0], dtype=torch.float32)
         for name in names:
             delta.addmm_(self.lora_B[name].float(), self.lora_A[name].float(), alpha=self.scaling[name])
         return delta
 
     def merged_weight(self, names: list[str]) -> torch.Tensor:
         """W + Σ s·B·A for the already merged adapters and ``names``, summed in fp32 from the original W and
-        rounded once to W's dtype; shaped as ``weight`` is stored."""
+        rounded once to W's dtype; shaped as ``weight`` is stored. On a quantised base: the exact sum in fp32,
+        (out_features, in_features), before any requantisation."""
         return self._weight_with([*self.merged_adapters, *names])
 
     def _weight_with(self, merged: list[str]) -> torch.Tensor:
         """The stored weight with exactly the adapters ``merged`` folded in (a new tensor)."""
+        if self.quantized:
+            with torch.no_grad():  # the dequantised weight is a fresh fp32 tensor, made under no_grad
+                w = self._original_weight()
+                return w.add_(self.delta_weight(merged)) if merged else w
         if not merged:
             w = self._original_weight().detach().clone()
             return w.t() if self.fan_in_fan_out else w
@@ -223,6 +287,9 @@ class LoRALinear(nn.Module):
         names = [n for n in (self.active_adapters if names is None else names) if n not in self.merged_adapters]
         if not names:
             return
+        if self.quantized:
+            self._merge_quantized(names)
+            return
         new = self.merged_weight(names)
         if safe and not torch.isfinite(new).all():
             raise ValueError(f"merge: merging {names} gives non-finite weights; the layer was left unchanged")
@@ -232,12 +299,54 @@ class LoRALinear(nn.Module):
             self._unmerged_weight = backup
         self.merged_adapters = [*self.merged_adapters, *names]
 
+    def requantized(self, merged: list[str]) -> tuple[NF4Weight, float]:
+        """Quantised base: the NF4 weight with exactly the adapters ``merged`` folded in (the original codes
+        dequantised to fp32, plus Σ s·B·A in fp32, requantised with the same blocksize and double
+        quantisation), and the largest absolute error requantising introduced against that exact sum."""
+        exact = self._weight_with(merged)
+        if not torch.isfinite(exact).all():
+            raise ValueError(f"merge: merging {merged} gives non-finite weights; the layer was left unchanged")
+        original = self._original_nf4()
+        q = dataclasses.replace(nf4.quantize(exact, original.blocksize, original.double_quant), dtype=original.dtype)
+        error = (nf4.dequantize(q, torch.float32) - exact).abs().max().item()
+        return q, error
+
+    @torch.no_grad()
+    def _merge_quantized(self, names: list[str]) -> None:
+        # As PEFT merges into a bitsandbytes 4-bit base (dequantise, add, requantise), but summed in fp32 from
+        # the original codes, which are kept (4 bits a weight) so that unmerge gives them back exactly.
+        merged = [*self.merged_adapters, *names]
+        q, error = self.requantized(merged)
+        self._install_merged(q)
+        self.merged_adapters = merged
+        self.merge_error = error
+        warnings.warn(f"merge: {merged} merged into a 4-bit (NF4) base by requantising; that changed the merged "
+                      f"weight by up to {error:.3g} (absolute) against the exact sum (recorded as "
+                      f"layer.merge_error); unmerge restores the original codes exactly", stacklevel=3)  # fmt: skip
+
+    def _install_merged(self, q: NF4Weight) -> None:
+        """Put merged codes ``q`` in the base. The first merge keeps the original tensors aside and installs
+        q's; later ones write into the merged tensors in place (as a dense merge does), so a rolled-back
+        merge leaves the same tensor objects it found."""
+        base = self._modules["base_layer"]
+        if self._unmerged_weight is None:
+            original = base.weight
+            base.set_weight(q)
+            self._unmerged_weight = original
+        else:
+            base.copy_weight_(q)
+
     @torch.no_grad()
     def restore_merged(self, merged: list[str]) -> None:
         """Put the layer back to having exactly ``merged`` merged (a rollback of a failed model-wide merge):
         the weight is recomputed as ``merge`` computed it, so it comes back bit for bit."""
         if not merged:
             self.unmerge()
+            return
+        if self.quantized:
+            q, error = self.requantized(merged)
+            self._install_merged(q)
+            self.merged_adapters, self.merge_error = list(merged), error
             return
         self.weight.copy_(self._weight_with(merged))
         self.merged_adapters = list(merged)
@@ -246,27 +355,36 @@ class LoRALinear(nn.Module):
     def unmerge(self) -> None:
         """Give the base weight back bit-exactly and free the copy kept for it."""
         if self._unmerged_weight is not None:
-            self.weight.copy_(self._unmerged_weight)
+            if self.quantized:
+                self._modules["base_layer"].set_weight(self._unmerged_weight)
+            else:
+                self.weight.copy_(self._unmerged_weight)
         self._unmerged_weight = None
+        self.merge_error = None
         self.merged_adapters = []
 
     # --- forward --------------------------------------------------------------------------------------
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x (..., in_features) -> (..., out_features), in x's dtype."""
+        # Parameters and submodules are read from Module's own dicts (_parameters, _modules): the same
+        # objects as self.weight or self.lora_A[name], without Module.__getattr__'s host time on every call.
+        params = self._parameters
+        if params["weight"] is None:
+            return self._forward_quantized(x)
+        bias = params["bias"]
         if self.disabled:
-            return F.linear(x, self._original_weight(), self.bias)
-        weight = self.weight.t() if self.fan_in_fan_out else self.weight
+            return F.linear(x, self._original_weight(), bias)
+        weight = params["weight"].t() if self.fan_in_fan_out else params["weight"]
         pending = self.active_adapters
         if self.merged_adapters:
             pending = [n for n in pending if n not in self.merged_adapters]
         if not pending:
-            return F.linear(x, weight, self.bias)
-        # ParameterDict's own __getitem__ goes through Module.__getattr__; its _parameters dict holds the same
-        # Parameters under the same (string) keys, at a fraction of the host time per call.
-        lora_a, lora_b = self.lora_A._parameters, self.lora_B._parameters
+            return F.linear(x, weight, bias)
+        modules = self._modules
+        lora_a, lora_b = modules["lora_A"]._parameters, modules["lora_B"]._parameters
         first = pending[0]
-        y = lora_linear(x, weight, self.bias, lora_a[first], lora_b[first], self.scaling[first],
+        y = lora_linear(x, weight, bias, lora_a[first], lora_b[first], self.scaling[first],
                         self.lora_dropout[first], self.training)  # fmt: skip
         for name in pending[1:]:  # further adapters: their own dropout draw, added with plain ops
             x_hat = F.dropout(x, self.lora_dropout[name], self.training)
@@ -274,8 +392,34 @@ class LoRALinear(nn.Module):
             y = y + self.scaling[name] * ((x_hat @ a.t()) @ b.t())
         return y
 
+    def _forward_quantized(self, x: torch.Tensor) -> torch.Tensor:
+        # As bitsandbytes' Linear4bit: compute in the base's compute dtype, return in x's dtype.
+        base = self._modules["base_layer"]
+        compute_dtype, bias = base.compute_dtype, base._parameters["bias"]
+        if self.disabled:
+            return nf4_linear(x, self._original_nf4(), bias, compute_dtype)
+        pending = self.active_adapters
+        if self.merged_adapters:
+            pending = [n for n in pending if n not in self.merged_adapters]
+        if not pending:
+            return nf4_linear(x, base.weight, bias, compute_dtype)
+        dtype = x.dtype
+        x = x.to(compute_dtype)
+        bias = None if bias is None else bias.to(compute_dtype)
+        modules = self._modules
+        lora_a, lora_b = modules["lora_A"]._parameters, modules["lora_B"]._parameters
+        first = pending[0]
+        y = lora_linear(x, base.weight, bias, lora_a[first], lora_b[first], self.scaling[first],
+                        self.lora_dropout[first], self.training)  # fmt: skip
+        for name in pending[1:]:
+            x_hat = F.dropout(x, self.lora_dropout[name], self.training)
+            a, b = lora_a[name].to(compute_dtype), lora_b[name].to(compute_dtype)
+            y = y + self.scaling[name] * ((x_hat @ a.t()) @ b.t())
+        return y.to(dtype)
+
     def extra_repr(self) -> str:
-        parts = [f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"]
+        has_bias = (self.base_layer.bias if self.quantized else self.bias) is not None
+        parts = [f"in_features={self.in_features}, out_features={self.out_features}, bias={has_bias}"]
         for name in self.adapters:
             parts.append(
                 f"{name}: r={self.r[name]}, lora_alpha={self.lora_alpha[name]:g}, lora_dropout={self.lora_dropout[name]:g}"

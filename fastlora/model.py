@@ -30,6 +30,7 @@ from fastlora._checks import (
     check_real,
 )
 from fastlora.layers import DEFAULT_ADAPTER, LoRALinear, is_conv1d
+from fastlora.quantized import NF4Linear
 
 __all__ = [
     "all_or_nothing",
@@ -52,7 +53,7 @@ __all__ = [
 
 
 def _is_linear(module: nn.Module) -> bool:
-    return isinstance(module, nn.Linear) or is_conv1d(module)
+    return isinstance(module, nn.Linear) or is_conv1d(module) or isinstance(module, NF4Linear)
 
 
 def _matches(name: str, targets: str | Iterable[str]) -> bool:
@@ -161,6 +162,9 @@ def plan_injection(
     exclude_modules = check_module_names("exclude_modules", exclude_modules, allow_none=True)
     if exclude_modules is not None:
         chosen = [n for n in chosen if not _matches(n, exclude_modules)]
+    # A LoRALinear's quantised base_layer is part of that layer, not a target of its own.
+    inside = {n for n, m in model.named_modules() if isinstance(m, LoRALinear)}
+    chosen = [n for n in chosen if not any(n.startswith(p + ".") for p in inside)]
     if not chosen:
         raise ValueError(f"target_modules: no linear layer of the model matches {target_modules!r}")
     rank_pattern = check_pattern("rank_pattern", rank_pattern, check_rank)
@@ -173,9 +177,9 @@ def plan_injection(
         alpha = _pattern_value(name, alpha_pattern, lora_alpha)
         if isinstance(module, LoRALinear) and adapter_name in module.lora_A:
             raise ValueError(f"adapter_name: {name} already has an adapter named {adapter_name!r}")
-        if not isinstance(module, LoRALinear) and not module.weight.is_floating_point():
+        if not isinstance(module, (LoRALinear, NF4Linear)) and not module.weight.is_floating_point():
             raise TypeError(f"target_modules: {name} has a {module.weight.dtype} weight; LoRA needs a floating-point "
-                            "base (quantised layers are not injected)")  # fmt: skip
+                            "base or a fastlora.NF4Linear (fastlora.quantize)")  # fmt: skip
         targets.append((name, module, rank, alpha))
     if isinstance(modules_to_save, str):
         modules_to_save = [modules_to_save]
@@ -261,10 +265,12 @@ class TrainableParameters:
 
 
 def trainable_parameters(model: nn.Module) -> TrainableParameters:
-    """Counts of trainable and all parameters (shared tensors counted once)."""
+    """Counts of trainable and all parameters (shared tensors counted once; an NF4 weight counts its
+    out_features · in_features parameters, though they are stored as buffers)."""
     _check_model(model)
     seen: dict[int, nn.Parameter] = {id(p): p for p in model.parameters()}
     total = sum(p.numel() for p in seen.values())
+    total += sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, NF4Linear))
     return TrainableParameters(sum(p.numel() for p in seen.values() if p.requires_grad), total)
 
 
@@ -406,13 +412,38 @@ def _plain(layer: LoRALinear, weight: torch.Tensor) -> nn.Module:
     return plain
 
 
+def _unloaded_quantized(layer: LoRALinear, merge: bool) -> NF4Linear:
+    """The NF4Linear ``unload`` leaves for a layer on a quantised base: its original codes (``merge=False``),
+    or the codes with the active adapters merged in, requantised (warned, with the error it introduced)."""
+    base = layer.base_layer
+    q = layer._original_nf4()
+    if merge:
+        merged = [*layer.merged_adapters, *(n for n in layer.active_adapters if n not in layer.merged_adapters)]
+        if merged == layer.merged_adapters:
+            q = base.weight
+        elif merged:
+            q, error = layer.requantized(merged)
+            warnings.warn(f"unload: {merged} merged into a 4-bit (NF4) base by requantising; that changed the merged "
+                          f"weight by up to {error:.3g} (absolute) against the exact sum", stacklevel=3)  # fmt: skip
+    plain = NF4Linear.from_weight(q, base.bias, base.compute_dtype, base.fan_in_fan_out)
+    plain.train(base.training)
+    return plain
+
+
 def unload(model: nn.Module, merge: bool = True) -> nn.Module:
     """Replace every fastlora layer by a plain ``nn.Linear`` (``Conv1D`` where it came from one), with the
     active adapters merged in (``merge=True``) or dropped (``merge=False``). Returns ``model``. The new
-    layers are all built before any is put in place."""
+    layers are all built before any is put in place.
+
+    A layer on a quantised base becomes its ``NF4Linear``: with ``merge=False`` its original codes, bit for
+    bit; with ``merge=True`` the merged weight requantised to NF4 (lossy: a warning gives the largest error
+    requantising introduced, as ``merge`` does). To keep a merged model exact, dequantise instead:
+    ``merged_weight`` gives the exact fp32 sum."""
     _check_model(model)
     check_bool("merge", merge)
     layers = lora_layers(model)
+    quantized = {name: _unloaded_quantized(layer, merge) for name, layer in layers.items() if layer.quantized}
+    layers = {name: layer for name, layer in layers.items() if not layer.quantized}
     weights = {}
     for name, layer in layers.items():
         if merge:
@@ -420,6 +451,7 @@ def unload(model: nn.Module, merge: bool = True) -> nn.Module:
         else:  # the original weight itself: the copy kept while merged, else the weight in place
             weights[name] = layer._unmerged_weight if layer._unmerged_weight is not None else layer.weight.detach()
     plain = {name: _plain(layer, weights[name]) for name, layer in layers.items()}
+    plain.update(quantized)
     for name, module in plain.items():
         _set_submodule(model, name, module)
     return model

@@ -32,14 +32,17 @@ def peft_lora_linear(
 def accelerate(peft_model: nn.Module) -> nn.Module:
     """Make an existing PEFT model run fastlora's fused op, in place.
 
-    Each of PEFT's plain LoRA ``Linear`` layers becomes a ``fastlora.peft_fused.FusedLoraLinear`` (a
-    subclass of PEFT's class, so ``isinstance`` checks hold) whose forward calls the fused op; its
+    Each of PEFT's plain LoRA ``Linear`` layers becomes a ``fastlora.peft_fused.FusedLoraLinear``, and each
+    of its QLoRA ``lora.Linear4bit`` layers a ``fastlora.peft_fused.FusedLoraLinear4bit`` (subclasses of
+    PEFT's classes, so ``isinstance`` checks hold) whose forward calls the fused op; over a bitsandbytes NF4
+    ``Linear4bit`` base it reads the ``Params4bit`` bytes and quant state in place, without a copy. Their
     parameters, state-dict keys and all of PEFT's API (``save_pretrained``, ``set_adapter``,
     ``merge_and_unload``, ...) stay PEFT's, and the model still pickles. Layers fastlora does not fuse keep
-    PEFT's forward, and one warning lists them: DoRA and other variants, LoRA bias, quantised or offloaded
-    bases, embeddings, convolutions, and a LoRA layer stacked on another tuner's layer (LoHa, LoKr, ... in a
-    ``PeftMixedModel``), whose output is not x·Wᵀ + b. Whatever fastlora cannot fuse at call time (adapters
-    added later with a variant, merged or disabled adapters, ``adapter_names``, ...) also runs PEFT's forward.
+    PEFT's forward, and one warning lists them: DoRA and other variants, LoRA bias, FP4 and other
+    quantised or offloaded bases, embeddings, convolutions, and a LoRA layer stacked on another tuner's
+    layer (LoHa, LoKr, ... in a ``PeftMixedModel``), whose output is not x·Wᵀ + b. Whatever fastlora cannot
+    fuse at call time (adapters added later with a variant, merged or disabled adapters, ``adapter_names``,
+    ...) also runs PEFT's forward.
 
     All or nothing: every check runs before anything changes. Accelerating an accelerated model again is
     fine (the same decisions are made again from the layers' current state).
@@ -66,13 +69,12 @@ def accelerate(peft_model: nn.Module) -> nn.Module:
         )
     try:
         from peft import PeftMixedModel, PeftModel
-        from peft.tuners.lora import Linear
         from peft.tuners.lora.layer import LoraLayer
         from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
     except ImportError as e:
         raise ImportError(f"fastlora.accelerate needs PEFT (pip install peft): {e}") from e
 
-    from fastlora.peft_fused import FusedLoraLinear, layer_name, unfusable
+    from fastlora.peft_fused import fused_class, layer_name, unfusable
 
     modules = list(peft_model.named_modules())
     if not isinstance(peft_model, (PeftModel, PeftMixedModel, BaseTuner)) and not any(
@@ -91,9 +93,10 @@ def accelerate(peft_model: nn.Module) -> nn.Module:
     # Decide for every layer first, then change: nothing below can fail halfway.
     plan, left = [], []
     for name, module in modules:
-        if type(module) is Linear or type(module) is FusedLoraLinear:
+        classes = fused_class(module)
+        if classes is not None:
             reason = unfusable(module)
-            plan.append((module, FusedLoraLinear if reason is None else Linear))
+            plan.append((module, classes[1] if reason is None else classes[0]))
             if reason is not None:
                 left.append(f"{name} ({reason})")
         elif isinstance(module, LoraLayer):

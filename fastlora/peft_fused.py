@@ -1,47 +1,101 @@
 """PEFT's LoRA ``Linear`` with its forward on fastlora's fused op: what ``fastlora.accelerate`` swaps in.
 
 This module imports PEFT, so nothing in ``import fastlora`` imports it; ``fastlora.peft_compat`` does, when
-``accelerate`` is called. The class lives at module level so that pickle (and ``torch.save`` of a whole
-model) finds it by its qualified name, ``fastlora.peft_fused.FusedLoraLinear``.
+``accelerate`` is called. The classes live at module level so that pickle (and ``torch.save`` of a whole
+model) finds them by their qualified names, ``fastlora.peft_fused.FusedLoraLinear`` and, when bitsandbytes is
+installed, ``fastlora.peft_fused.FusedLoraLinear4bit``.
+
+QLoRA: over a bitsandbytes ``Linear4bit`` base (wrapped by PEFT's ``lora.Linear4bit``, or by its plain
+``lora.Linear`` when the model was not loaded by transformers) the op reads the ``Params4bit`` bytes and
+``QuantState`` in place through a ``fastlora.nf4.NF4Weight`` (shared storage, no copy), built once per
+weight and cached; NF4 only.
 """
 
 from __future__ import annotations
 
 import math
 import numbers
+import weakref
 
+import torch
 import torch.nn as nn
 from peft.tuners.lora import Linear
 from peft.tuners.tuners_utils import BaseTunerLayer
 
 from fastlora.functional import lora_linear
 from fastlora.layers import is_conv1d
+from fastlora.nf4 import NF4_BLOCKSIZES, NF4Weight
 
-__all__ = ["FusedLoraLinear", "layer_name", "unfusable"]
+try:  # PEFT defines its 4-bit LoRA layer only when bitsandbytes is installed (and then imports it itself)
+    import bitsandbytes as bnb
+    from peft.tuners.lora.bnb import Linear4bit as PeftLinear4bit
+    _BnbLinear4bit = bnb.nn.Linear4bit
+except ImportError:
+    bnb = PeftLinear4bit = _BnbLinear4bit = None
+
+__all__ = ["FusedLoraLinear", "FusedLoraLinear4bit", "fused_class", "layer_name", "unfusable"]
 
 
-class FusedLoraLinear(Linear):
-    """PEFT's LoRA ``Linear`` (a subclass: ``isinstance(m, peft.tuners.lora.Linear)`` holds) whose forward
-    runs ``fastlora.functional.lora_linear``: the base GEMM and the first active adapter in one op. Further
-    active adapters are added as PEFT adds them. Everything else (merge, set_adapter, state_dict, ...) is
-    PEFT's, inherited untouched, and so is the forward whenever ``unfusable`` finds a reason: the layer then
-    computes exactly what PEFT computes."""
+class _FusedForward:
+    """The forward shared by the fused classes; mixed in before PEFT's class, whose forward ``super()`` is."""
+
+    _peft_name = "Linear"
 
     def forward(self, x, *args, **kwargs):
-        active = [a for a in self.active_adapters if a in self.lora_A]
+        # Submodules and parameters are read from Module's own dicts: the same objects as self.lora_A[name]
+        # or base.weight, without Module.__getattr__'s host time (a dozen lookups per call otherwise).
+        modules = self._modules
+        lora_a = modules["lora_A"]._modules
+        active = [a for a in self.active_adapters if a in lora_a]
         if args or kwargs or self._peft_forward_reason(active) is not None:
             return super().forward(x, *args, **kwargs)
-        base = self.base_layer
-        weight = base.weight.t() if is_conv1d(base) else base.weight  # Conv1D stores (in, out)
+        base = modules["base_layer"]
+        params = base._parameters
         first, *rest = active
-        y = lora_linear(x, weight, base.bias, self.lora_A[first].weight, self.lora_B[first].weight,
-                        self.scaling[first], _dropout_p(self.lora_dropout[first]), self.training)  # fmt: skip
+        lora_b = modules["lora_B"]._modules[first]._parameters["weight"]
+        dropout_p = _dropout_p(modules["lora_dropout"]._modules[first])
+        lora_args = (lora_a[first]._parameters["weight"], lora_b, self.scaling[first], dropout_p, self.training)
+        if _BnbLinear4bit is not None and isinstance(base, _BnbLinear4bit):
+            y = self._forward_4bit(base, x, lora_args)
+        else:
+            weight = params["weight"].t() if is_conv1d(base) else params["weight"]  # Conv1D stores (in, out)
+            y = lora_linear(x, weight, params["bias"], *lora_args)
         for name in rest:  # further adapters as PEFT runs them
             lora_A, lora_B = self.lora_A[name], self.lora_B[name]
             dtype = lora_A.weight.dtype
             xa = self._cast_input_dtype(x, dtype) if hasattr(self, "_cast_input_dtype") else x.to(dtype)
             y = y + (lora_B(lora_A(self.lora_dropout[name](xa))) * self.scaling[name]).to(y.dtype)
         return y
+
+    def _forward_4bit(self, base: nn.Module, x: torch.Tensor, lora_args: tuple) -> torch.Tensor:
+        """What PEFT computes over a bitsandbytes ``Linear4bit``, fused.
+
+        bitsandbytes computes the base term in its ``compute_dtype`` (x, bias and the dequantised weight cast
+        to it; when unset, its first call picks x's dtype for fp32/bf16 inputs, as done here too) and returns
+        it in x's dtype. PEFT adds the LoRA term computed in the adapter's dtype, cast back to x's dtype (or,
+        in ``lora.Linear4bit`` under autocast, not cast: the sum is promoted). The fused op computes both
+        terms in the compute dtype, one rounding at the end; the result has PEFT's dtype.
+        """
+        nf4 = _NF4_CACHE[id(base._parameters["weight"])][3]  # unfusable() has just checked or built it
+        if not base.compute_type_is_set:
+            base.set_compute_type(x)
+            base.compute_type_is_set = True
+        compute = base.compute_dtype
+        xc = x if compute is None or x.dtype == compute else x.to(compute)
+        bias = base._parameters["bias"]
+        if bias is not None and bias.dtype != xc.dtype:
+            # bitsandbytes rewrites bias.data in the compute dtype on its first call; the values are the same
+            bias = bias.to(xc.dtype)
+        y = lora_linear(xc, nf4, bias, *lora_args)
+        out_dtype = x.dtype
+        if isinstance(self, PeftLinear4bit) and torch.is_autocast_enabled():  # PEFT's own test of autocast
+            # lora.Linear4bit adds the LoRA term uncast under autocast: x's dtype + the autocast dtype
+            device_type = x.device.type
+            if torch.is_autocast_enabled(device_type):
+                out_dtype = torch.promote_types(out_dtype, torch.get_autocast_dtype(device_type))
+            else:
+                out_dtype = torch.promote_types(out_dtype, lora_args[0].dtype)
+        return y if y.dtype == out_dtype else y.to(out_dtype)
 
     def _peft_forward_reason(self, active: list[str]) -> str | None:
         """Why a call without extra arguments runs PEFT's forward now, or None: it runs fused."""
@@ -59,7 +113,38 @@ class FusedLoraLinear(Linear):
 
     def _get_name(self) -> str:
         # The printed model reads as PEFT's ("lora.Linear(" ...), the first line inside showing the fusion.
-        return "Linear"
+        return self._peft_name
+
+
+class FusedLoraLinear(_FusedForward, Linear):
+    """PEFT's LoRA ``Linear`` (a subclass: ``isinstance(m, peft.tuners.lora.Linear)`` holds) whose forward
+    runs ``fastlora.functional.lora_linear``: the base GEMM and the first active adapter in one op. Further
+    active adapters are added as PEFT adds them. Everything else (merge, set_adapter, state_dict, ...) is
+    PEFT's, inherited untouched, and so is the forward whenever ``unfusable`` finds a reason: the layer then
+    computes exactly what PEFT computes. The base is a plain ``nn.Linear``/``Conv1D`` or a bitsandbytes NF4
+    ``Linear4bit`` (PEFT wraps one in this class when the model was not loaded in 4-bit by transformers)."""
+
+
+if PeftLinear4bit is not None:
+
+    class FusedLoraLinear4bit(_FusedForward, PeftLinear4bit):
+        """PEFT's QLoRA layer ``peft.tuners.lora.bnb.Linear4bit`` (a subclass) with the forward of
+        ``FusedLoraLinear``: a bitsandbytes NF4 ``Linear4bit`` base and the first active adapter in one op."""
+
+        _peft_name = "Linear4bit"
+
+else:
+    FusedLoraLinear4bit = None
+
+
+def fused_class(module: nn.Module) -> tuple[type, type] | None:
+    """``(PEFT's class, fastlora's fused subclass)`` when ``module`` is exactly one of the two, else None."""
+    cls = type(module)
+    if cls is Linear or cls is FusedLoraLinear:
+        return Linear, FusedLoraLinear
+    if PeftLinear4bit is not None and (cls is PeftLinear4bit or cls is FusedLoraLinear4bit):
+        return PeftLinear4bit, FusedLoraLinear4bit
+    return None
 
 
 def _dropout_p(module: nn.Module) -> float:
@@ -80,16 +165,76 @@ def _plain_base(base: nn.Module) -> str | None:
         # A LoRA layer stacked on another tuner's layer (LoHa, LoKr, ... in a PeftMixedModel): that layer
         # adds its own term, so its output is not x·Wᵀ + b of a weight we could hand to the op.
         return f"base layer {layer_name(base)}, another tuner's layer"
-    if isinstance(base, nn.Linear):
+    four_bit = _BnbLinear4bit is not None and isinstance(base, _BnbLinear4bit)
+    if four_bit:
+        if type(base).forward is not _BnbLinear4bit.forward:
+            return f"base layer {layer_name(base)} with its own forward"
+    elif isinstance(base, nn.Linear):
         if type(base).forward is not nn.Linear.forward:
             return f"base layer {layer_name(base)} with its own forward"
     elif not is_conv1d(base):
         return f"base layer {layer_name(base)}"
-    if hasattr(base, "_hf_hook") or "forward" in vars(base):
+    if "_hf_hook" in vars(base) or "forward" in vars(base):  # accelerate sets both as plain attributes
         return f"base layer {layer_name(base)} with a replaced forward"
     if base._forward_hooks or base._forward_pre_hooks:
         return f"base layer {layer_name(base)} with forward hooks"
+    if four_bit:
+        if torch.compiler.is_compiling():  # lora_linear refuses to trace an NF4 weight; bitsandbytes' forward traces
+            return f"base layer {layer_name(base)} under torch.compile"
+        nf4 = _nf4_weight(base)
+        if isinstance(nf4, str):
+            return f"base layer {layer_name(base)}: {nf4}"
     return None
+
+
+# id(Params4bit) -> (weak reference to it, its data_ptr, its QuantState, the NF4Weight over both). Keyed by
+# id with a weak reference (a WeakKeyDictionary would compare tensors with ==): an entry goes with its weight
+# (e.g. the one merge_adapter replaces), and no model state, pickle or deepcopy carries it. The entry holds
+# the bytes' storage (through the NF4Weight), so a different data_ptr always means different data.
+_NF4_CACHE: dict[int, tuple] = {}
+_DisableTorchFunctionSubclass = torch._C.DisableTorchFunctionSubclass
+
+
+def _forget(ref: weakref.ref, key: int) -> None:
+    entry = _NF4_CACHE.get(key)
+    if entry is not None and entry[0] is ref:
+        del _NF4_CACHE[key]
+
+
+def _nf4_weight(base: nn.Module) -> NF4Weight | str:
+    """The NF4Weight over a bitsandbytes ``Linear4bit``'s ``Params4bit`` data and quant state (shared, not
+    copied), or why there is none. Built once per weight and reused while its data and quant state are the
+    same objects: a forward does not rebuild or revalidate it."""
+    weight = base._parameters["weight"]
+    quant_state = getattr(weight, "quant_state", None)
+    with _DisableTorchFunctionSubclass():
+        # Params4bit's __torch_function__ costs every method call about 1.5 us of host time; this, 0.3
+        data_ptr = weight.data_ptr()
+    hit = _NF4_CACHE.get(id(weight))
+    if hit is not None and hit[0]() is weight and hit[2] is quant_state and hit[1] == data_ptr:
+        return hit[3]
+    # Not isinstance(weight, Params4bit): a pickled Params4bit comes back a plain Parameter with the same
+    # attributes, which bitsandbytes' forward (and so this one) still reads.
+    if not getattr(weight, "bnb_quantized", True) or quant_state is None:
+        # bitsandbytes quantises when the layer moves to a device, and its forward restores a quant state
+        # that FSDP dropped: PEFT's forward runs until then.
+        return "weight without its quant_state (not quantised yet?)"
+    if quant_state.quant_type != "nf4":
+        return f"quant_type {quant_state.quant_type!r}: fastlora fuses NF4 only"
+    if getattr(quant_state, "packing_format_for_cpu", False):
+        # bitsandbytes repacks the weight for its AVX512-BF16 CPU kernel on its first inference call
+        return "weight in bitsandbytes' CPU-packed layout"
+    if quant_state.blocksize not in NF4_BLOCKSIZES:
+        return f"blocksize {quant_state.blocksize}"
+    if tuple(quant_state.shape) != (base.out_features, base.in_features):
+        return f"quant_state.shape {tuple(quant_state.shape)}, not (out_features, in_features)"
+    try:
+        nf4 = NF4Weight.from_bnb(weight.data, quant_state)
+    except (TypeError, ValueError) as e:
+        return f"NF4 state fastlora cannot read ({e})"
+    key = id(weight)
+    _NF4_CACHE[key] = (weakref.ref(weight, lambda ref: _forget(ref, key)), data_ptr, quant_state, nf4)
+    return nf4
 
 
 def unfusable(layer: Linear, adapters=None) -> str | None:
@@ -98,20 +243,22 @@ def unfusable(layer: Linear, adapters=None) -> str | None:
     Only the layer it wraps directly counts (``layer.base_layer``, not ``get_base_layer()``, the innermost
     one): the fused op replaces that layer's call, so it must be the plain linear layer itself.
     """
-    reason = _plain_base(layer.base_layer)
+    modules = layer._modules
+    reason = _plain_base(modules["base_layer"])
     if reason is not None:
         return reason
-    adapters = list(layer.lora_A) if adapters is None else adapters
+    adapters = list(modules["lora_A"]) if adapters is None else adapters
     lora_variant = getattr(layer, "lora_variant", {})  # PEFT >= 0.15; before it, DoRA was the one variant
     use_dora = getattr(layer, "use_dora", {})
     variants = [f"{a}: {type(lora_variant[a]).__name__}" if a in lora_variant else f"{a}: DoRA"
                 for a in adapters if a in lora_variant or use_dora.get(a)]  # fmt: skip
     if variants:
         return "variant " + ", ".join(variants)
+    lora_b, lora_dropout = modules["lora_B"]._modules, modules["lora_dropout"]._modules
     for a in adapters:
-        if getattr(layer.lora_B[a], "bias", None) is not None:
+        if lora_b[a]._parameters.get("bias") is not None:
             return "lora_bias"
-        dropout = layer.lora_dropout[a]
+        dropout = lora_dropout[a]
         if type(dropout) not in (nn.Dropout, nn.Identity):
             return f"dropout module {type(dropout).__name__}"
         if not 0.0 <= _dropout_p(dropout) < 1.0:

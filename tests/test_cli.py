@@ -50,6 +50,19 @@ def test_bench_quick(tmp_path):
     assert (tmp_path / "result.md").read_text().startswith("Device:")
 
 
+def test_bench_qlora(tmp_path):
+    """The QLoRA table: fastlora's layer, PEFT's over bitsandbytes and it accelerated, in one run, each output
+    checked against PEFT's (one small layer, one round: the suite checks it runs, not its times)."""
+    pytest.importorskip("bitsandbytes")
+    assert main(["bench", "--qlora", "--tokens", "16", "--ranks", "4", "--rounds", "1", "--out", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "result.json").read_text())["rows"]
+    names = [r["variant"] for r in rows]
+    assert names == ["bf16 F.linear (bare)", "PEFT over bnb Linear4bit", "PEFT accelerated", "fastlora QLoRA layer"]
+    for row in rows[1:]:
+        assert row["check_rel_err"] < 2e-2, row  # bf16 compute, fp32 adapters: a few bf16 roundings apart
+        assert row["fwd_bwd_ms"] > 0 and row["vs_peft_fwd_bwd"] > 0
+
+
 def test_bench_host(tmp_path):
     """The host-time table: every variant measured in one run, with its ratio to PEFT."""
     assert main(["bench", "--host", "--host-calls", "20", "--host-repeats", "1", "--out", str(tmp_path)]) == 0

@@ -291,7 +291,7 @@ def test_combine_errors():
 # --- accelerate an existing PEFT model -------------------------------------------------------------------
 
 
-def test_accelerate_peft_model_keeps_peft_api(tmp_path):
+def test_accelerate_peft_model_keeps_peft_api(tmp_path, op_path):
     base = llama()
     theirs = peft_twin(base, LoraConfig(r=4, lora_alpha=8, target_modules=LLAMA_TARGETS, lora_dropout=0.0))
     ids = tokens()

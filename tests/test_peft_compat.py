@@ -133,7 +133,7 @@ def test_mixed_other_tuner_over_lora_runs_fused(other):
 # --- in-place ops on the fused output, AdaLoRA -------------------------------------------------------------
 
 
-def test_inplace_op_on_accelerated_output_under_autograd():
+def test_inplace_op_on_accelerated_output_under_autograd(op_path):
     theirs, ours = twins(lambda: get_peft_model(mlp(), lora_config()))
     assert len(fused(ours)) == 2
     layer, x = ours.base_model.model.lin0, x_input(2, 3).requires_grad_(True)  # 3-D: the op folds (2, 3)
@@ -204,7 +204,7 @@ def test_adalora_over_fused_lora_adds_in_place():
 # --- pickle, repr, idempotence, what is left to PEFT at call time ------------------------------------------
 
 
-def test_accelerated_model_pickles_and_saves_whole():
+def test_accelerated_model_pickles_and_saves_whole(op_path):
     theirs, ours = twins(lambda: get_peft_model(mlp(), lora_config()))
     x = x_input()
     want = ours(x)
