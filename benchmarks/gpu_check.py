@@ -17,6 +17,8 @@
    main loop's own gap, and the row says which main loop ran (TMA on sm_90, else pointers).
 4. CUDA graph capture: forward+backward of a LoRALinear on the triton backend captured and replayed,
    against eager calls with the same seed (the path has no host sync; tests/test_no_host_sync.py).
+5. QLoRA: the fused op over an NF4 weight against the bare bf16 layer at M = 4096 and 16 to 64, and against
+   PEFT over bitsandbytes' Linear4bit where bitsandbytes imports on the GPU machine.
 
 Usage: python benchmarks/gpu_check.py OUT_DIR [--quick]
 Writes OUT_DIR/gpu_check.json and OUT_DIR/gpu_check.md and prints the table last. ``--quick`` runs small
@@ -38,6 +40,7 @@ import torch
 import torch.nn.functional as F
 
 import fastlora
+from fastlora import nf4
 from fastlora.backends import backend_status
 from fastlora.bench import environment, grid, layer_shapes, median_ms, run
 from fastlora.bench import to_markdown as bench_table
@@ -82,38 +85,26 @@ def _poison(device: torch.device) -> None:
 
 def check_numerics(device: torch.device, backends: list[str], quick: bool) -> list[dict]:
     dtypes = [(torch.float32, None), (torch.float16, None), (torch.bfloat16, None), (torch.bfloat16, torch.float32)]
-    cases = NUMERIC_CASES[:4] if quick else NUMERIC_CASES
+    # (name, lead, K, N, r, p, check_case options): dense cases in every layout, then an NF4 base.
+    cases = [(layout_kind, lead, k, n, r, p, {"layout_kind": layout_kind})
+             for lead, k, n, r, p, layout_kind in (NUMERIC_CASES[:4] if quick else NUMERIC_CASES)]
+    cases += [("NF4", lead, k, n, r, p, {"nf4_blocksize": 64}) for lead, k, n, r, p in (NF4_CASES[:1] if quick else NF4_CASES)]
     rows = []
     for backend in backends:
-        for lead, k, n, r, p, layout_kind in cases:
+        for kind, lead, k, n, r, p, options in cases:
             for dtype, adapter in dtypes:
                 if backend == "triton" and dtype == torch.bfloat16 and device.type == "cpu":
                     continue  # the interpreter computes bf16 wrongly; this is what the GPU run is for
-                name = f"{backend} {'x'.join(map(str, lead))}x{k}->{n} r={r} p={p} {layout_kind} {dtype}"
+                name = f"{backend} {'x'.join(map(str, lead))}x{k}->{n} r={r} p={p} {kind} {dtype}"
                 name += f" A/B {adapter}" if adapter else ""
                 _poison(device)
                 try:
                     with fastlora.use_backend(backend):
                         errors = check_case(make_case(lead, k, n, r, dropout_p=p), dtype, adapter, backend_name=backend,
-                                            layout_kind=layout_kind, device=device)  # fmt: skip
+                                            device=device, **options)  # fmt: skip
                     worst = max(e / max(t, 1e-30) for e, t in errors.values())
                     rows.append({"case": name, "ok": True, "worst_error_over_pytorch": worst})
                 except Exception as err:  # a failure is a result to report, not a reason to stop
-                    rows.append({"case": name, "ok": False, "error": f"{type(err).__name__}: {err}"[:500]})
-        for lead, k, n, r, p in NF4_CASES[:1] if quick else NF4_CASES:
-            for dtype, adapter in dtypes:
-                if backend == "triton" and dtype == torch.bfloat16 and device.type == "cpu":
-                    continue
-                name = f"{backend} NF4 {'x'.join(map(str, lead))}x{k}->{n} r={r} p={p} {dtype}"
-                name += f" A/B {adapter}" if adapter else ""
-                _poison(device)
-                try:
-                    with fastlora.use_backend(backend):
-                        errors = check_case(make_case(lead, k, n, r, dropout_p=p), dtype, adapter, backend_name=backend,
-                                            device=device, nf4_blocksize=64)  # fmt: skip
-                    worst = max(e / max(t, 1e-30) for e, t in errors.values())
-                    rows.append({"case": name, "ok": True, "worst_error_over_pytorch": worst})
-                except Exception as err:
                     rows.append({"case": name, "ok": False, "error": f"{type(err).__name__}: {err}"[:500]})
         rows.append(_determinism(device, backend))
     return rows
@@ -245,6 +236,77 @@ def graph_capture(device: torch.device, backends: list[str]) -> list[dict]:
     return rows
 
 
+QLORA_TARGETS = {"fwd_bwd_vs_bare_m4096": 1.15, "speedup_vs_peft_m4096": 1.5, "fwd_bwd_vs_bare_decode": 1.0}
+
+
+def qlora_timings(device: torch.device, backends: list[str], quick: bool, rounds: int) -> list[dict]:
+    """QLoRA on the Llama-2-7B q, gate and down shapes (bf16, r = 16, NF4 with double quantisation): the
+    fused op over the NF4 weight (forward + backward: Y, then dX, dA, dB) against the bare bf16 layer
+    (F.linear forward and its dX) at M = 4096 and at decode sizes M = 16, 32, 64 (where reading W decides:
+    4x fewer weight bytes), and against PEFT over bitsandbytes' Linear4bit where bitsandbytes imports. Each
+    variant checked against the bare layer's output first (a loose bound: NF4 is lossy); medians over the
+    rounds, interleaved."""
+    backend = "triton" if "triton" in backends else "torch"
+    if quick:
+        shapes, ms, dtype = {"quick": (128, 96)}, [8], torch.float32
+    else:
+        shapes = {layer: layer_shapes("Llama-2-7B")[layer] for layer in ("q", "gate", "down")}
+        ms, dtype = [16, 32, 64, 4096], torch.bfloat16
+    try:
+        from fastlora.bench_qlora import _peft_over_bnb
+    except ImportError:
+        _peft_over_bnb = None
+    rows = []
+    for layer, (k, n) in shapes.items():
+        g = torch.Generator(device=device).manual_seed(0)
+        w = (torch.randn(n, k, device=device, generator=g) / k**0.5).to(dtype)
+        q = nf4.quantize(w, 64, True)
+        a = (torch.randn(16, k, device=device, generator=g) / k**0.5).requires_grad_()
+        b = (torch.randn(n, 16, device=device, generator=g) * 0.01).requires_grad_()
+        peft = None
+        if _peft_over_bnb is not None and device.type == "cuda":
+            try:
+                peft = _peft_over_bnb(w.cpu(), 16, dtype).to(device)
+            except Exception as err:  # bitsandbytes missing or without this device: said in the row
+                peft = f"{type(err).__name__}: {err}"[:200]
+        for m in ms:
+            row = {"layer": f"{layer} {k}->{n}", "m": m, "dtype": str(dtype).removeprefix("torch."), "backend": backend}
+            rows.append(row)
+            try:
+                x = torch.randn(m, k, device=device, dtype=dtype, generator=g).requires_grad_()
+                grad_y = torch.randn(m, n, device=device, dtype=dtype, generator=g)
+
+                def ours():
+                    with fastlora.use_backend(backend):
+                        fastlora.lora_linear(x, q, None, a, b, 2.0).backward(grad_y)
+
+                def bare():
+                    torch.nn.functional.linear(x, w).backward(grad_y)
+
+                with fastlora.use_backend(backend), torch.no_grad():
+                    got = fastlora.lora_linear(x, q, None, a, b, 0.0).float()
+                want = torch.nn.functional.linear(x, w).float()
+                row["check_rel_err"] = ((got - want).abs().max() / want.abs().max()).item()
+                if not row["check_rel_err"] < 0.2:  # NF4 keeps about 2 significant bits per weight
+                    raise AssertionError(f"NF4 output off the bf16 layer's by {row['check_rel_err']:.3g}")
+                variants = {"fastlora_ms": ours, "bare_ms": bare}
+                if isinstance(peft, torch.nn.Module):
+                    variants["peft_bnb_ms"] = lambda: peft(x).backward(grad_y)
+                elif peft is not None:
+                    row["peft"] = peft
+                times: dict[str, list[float]] = {key: [] for key in variants}
+                for _ in range(rounds):
+                    for key, fn in variants.items():
+                        times[key].append(median_ms(fn, device, [x, a, b]))
+                row.update({key: sorted(v)[len(v) // 2] for key, v in times.items()})
+                row["vs_bare"] = row["fastlora_ms"] / row["bare_ms"]
+                if "peft_bnb_ms" in row:
+                    row["speedup_vs_peft"] = row["peft_bnb_ms"] / row["fastlora_ms"]
+            except Exception as err:
+                row["error"] = f"{type(err).__name__}: {err}"[:500]
+    return rows
+
+
 def _ratios(rows: list[dict]) -> list[dict]:
     """Per grid point: the fused backend's ratios to the floor and to PEFT, and the targets that apply."""
     out = []
@@ -292,6 +354,20 @@ def to_markdown(result: dict) -> str:
                          f"{g['fused_ms']:.3f} | {g['torch_ms']:.3f} | {g['ratio']:.3f} | "
                          f"{g['fused_tflops']:.0f} |")  # fmt: skip
 
+    qlora = result.get("qlora", [])
+    if qlora:
+        lines += ["", "QLoRA: the fused op over an NF4 weight (forward+backward) against the bare bf16 layer and PEFT "
+                  "over bitsandbytes' Linear4bit (targets: M = 4096 <= "
+                  f"{QLORA_TARGETS['fwd_bwd_vs_bare_m4096']}x bare and >= {QLORA_TARGETS['speedup_vs_peft_m4096']}x "
+                  "faster than PEFT; M = 16 to 64 below the bare layer).", "",
+                  "| layer | M | backend | fastlora ms | bare bf16 ms | fastlora / bare | PEFT+bnb ms | speed-up over PEFT |",
+                  "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+        for q in qlora:
+            if "error" in q:
+                lines.append(f"| {q['layer']} | {q['m']} | {q['backend']} | FAILED {q['error']} | | | | |")
+                continue
+            lines.append(f"| {q['layer']} | {q['m']} | {q['backend']} | {q['fastlora_ms']:.3f} | {q['bare_ms']:.3f} | "
+                         f"{q['vs_bare']:.3f} | {f(q.get('peft_bnb_ms'), '.3f')} | {f(q.get('speedup_vs_peft'), '.2f')} |")  # fmt: skip
     for g in result.get("graph_capture", []):
         lines.append(f"- {g['case']}: " + (g["skipped"] if "skipped" in g else "same as eager" if g["ok"] else "FAILED " + g["error"]))
     lines += ["", "| layer | p | variant | fwd / floor | fwd+bwd / floor (target) | speed-up over PEFT, fwd+bwd (target) |",
@@ -320,6 +396,7 @@ def main(argv: list[str] | None = None) -> int:
         result["ratios"] = _ratios(result["timings"])
         result["main_loop_gap"] = main_loop_gap(device, backends, args.quick, rounds=1 if args.quick else 3)
         result["graph_capture"] = graph_capture(device, backends)
+        result["qlora"] = qlora_timings(device, backends, args.quick, rounds=1 if args.quick else 3)
     except Exception:
         result["crash"] = traceback.format_exc()
         result.setdefault("numerics", [])
@@ -327,6 +404,7 @@ def main(argv: list[str] | None = None) -> int:
         result.setdefault("ratios", [])
         result.setdefault("main_loop_gap", [])
         result.setdefault("graph_capture", [])
+        result.setdefault("qlora", [])
     result["seconds"] = time.time() - start
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "gpu_check.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
@@ -336,7 +414,7 @@ def main(argv: list[str] | None = None) -> int:
         print(result["crash"], file=sys.stderr)
     print(table)
     failed = (not all(c["ok"] for c in result["numerics"]) or any("error" in g for g in result["main_loop_gap"])
-              or any("error" in g for g in result["graph_capture"]))  # fmt: skip
+              or any("error" in g for g in result["graph_capture"]) or any("error" in g for g in result["qlora"]))  # fmt: skip
     return 1 if "crash" in result or failed else 0
 
 

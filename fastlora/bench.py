@@ -421,12 +421,16 @@ def _qlora(args, argv) -> int:
     result = {"environment": environment(torch.device("cpu")), "shape": shape, "rounds": args.rounds,
               "command": "fastlora bench " + " ".join(sys.argv[2:] if argv is None else argv), "rows": rows,
               "seconds": time.time() - start}  # fmt: skip
-    table = qlora_markdown(rows, **shape, dtype=torch.bfloat16, rounds=args.rounds)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "result.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
-    (args.out / "result.md").write_text(table + "\n")
+    return _write(args.out, result, qlora_markdown(rows, **shape, dtype=torch.bfloat16, rounds=args.rounds))
+
+
+def _write(out: Path, result: dict, table: str) -> int:
+    """result.json and result.md into ``out``; the table printed."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "result.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
+    (out / "result.md").write_text(table + "\n")
     print(table)
-    print(f"\nwrote {args.out / 'result.json'}, {args.out / 'result.md'}")
+    print(f"\nwrote {out / 'result.json'}, {out / 'result.md'}")
     return 0
 
 
@@ -454,9 +458,4 @@ def _host(args, argv) -> int:
     if launch:
         table += (f"\n\nTriton backend's own host path, kernel launches stubbed out (dropout 0.1): forward "
                   f"{launch['forward']:.1f} µs, backward {launch['backward']:.1f} µs per call")  # fmt: skip
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "result.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
-    (args.out / "result.md").write_text(table + "\n")
-    print(table)
-    print(f"\nwrote {args.out / 'result.json'}, {args.out / 'result.md'}")
-    return 0
+    return _write(args.out, result, table)

@@ -542,10 +542,17 @@ def _dequantize_span(q: NF4Weight, start: int, stop: int, dtype: torch.dtype) ->
     raw = q.packed.view(-1)[base // 2 : base // 2 + n_bytes]
     if raw.numel() < n_bytes:  # the ragged last block; its padding nibbles are cut off below
         raw = torch.nn.functional.pad(raw, (0, n_bytes - raw.numel()))
-    # One lookup per byte into a 256 × 2 table (its two values, high nibble first): a tenth of the time of
-    # splitting nibbles and looking each up on the CPU.
-    values = torch.index_select(_byte_table(q.device), 0, raw.int()).view(last - first, bs)
-    values.mul_(_absmax_fp32(q, first, last)[:, None])  # fp32, one rounding, as bitsandbytes
+    # One lookup per byte into a 256-entry table of both its values (high nibble first), read as one int64
+    # each: on the CPU a tenth of the time of splitting nibbles and looking each up, and a third of a lookup
+    # of two fp32 rows.
+    pairs = torch.index_select(_byte_table(q.device).view(torch.int64).view(-1), 0, raw.int())
+    values = pairs.view(torch.float32).view(last - first, bs)
+    absmax = _absmax_fp32(q, first, last)[:, None]
+    if start == base and stop == last * bs:  # whole blocks (the usual span): no trimming
+        # The product is computed in fp32 (one rounding, as bitsandbytes) and rounded to dtype in the same
+        # pass: mul with an output of another dtype promotes its inputs, then casts.
+        return torch.mul(values, absmax, out=torch.empty(values.shape, dtype=dtype, device=values.device)).view(-1)
+    values.mul_(absmax)
     return values.view(-1)[start - base : stop - base].to(dtype)
 
 

@@ -24,6 +24,8 @@ import fastlora  # noqa: E402
 from fastlora.nf4 import NF4Weight, dequantize  # noqa: E402
 from fastlora.peft_fused import FusedLoraLinear, FusedLoraLinear4bit, _nf4_weight, unfusable  # noqa: E402
 
+from test_peft_compat import twins  # noqa: E402
+
 NAMES = ("lin0", "lin1", "lin2")
 
 
@@ -82,16 +84,6 @@ def qlora(peft_4bit_class=True, lora_dtype=None, config=None, **kwargs):
     return model
 
 
-def twins(build):
-    """(PEFT's model, the same model accelerated), deep copies of one model."""
-    theirs = build()
-    ours = copy.deepcopy(theirs)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        assert fastlora.accelerate(ours) is ours
-    return theirs, ours
-
-
 def lora_layers(model):
     return [getattr(model.base_model.model, name) for name in NAMES]
 
@@ -145,6 +137,16 @@ def reference(model, x, compute_dtype):
 def rel_err(got, want):
     """Largest error relative to the largest entry (sums of large terms cancel)."""
     return ((got.double() - want).abs().max() / want.abs().max().clamp(min=1e-30)).item()
+
+
+def assert_as_peft(theirs, ours, x):
+    """Output, dx and every LoRA gradient of the accelerated model as PEFT's."""
+    y0, dx0, g0 = out_and_grads(theirs, x)
+    y1, dx1, g1 = out_and_grads(ours, x)
+    close(y1, y0)
+    close(dx1, dx0)
+    for k in g0:
+        close(g1[k], g0[k], msg=k)
 
 
 def close(got, want, msg=""):
@@ -235,13 +237,7 @@ def test_outputs_and_gradients_as_peft(sizes, peft_4bit_class, compress_statisti
 
 def test_every_backend_matches_peft(backend):
     theirs, ours = twins(lambda: qlora(compress_statistics=False))
-    x = x_input(rows=7)
-    y0, dx0, g0 = out_and_grads(theirs, x)
-    y1, dx1, g1 = out_and_grads(ours, x)
-    close(y1, y0)
-    close(dx1, dx0)
-    for k in g0:
-        close(g1[k], g0[k], msg=k)
+    assert_as_peft(theirs, ours, x_input(rows=7))
 
 
 def test_blocksize_and_3d_input():
@@ -350,13 +346,7 @@ def test_fp4_layer_keeps_peft_forward_with_its_reason(peft_4bit_class):
     with pytest.warns(UserWarning, match=rf"left 1 LoRA layers to PEFT: base_model.model.lin1 \({reason}\)"):
         fastlora.accelerate(ours)
     assert "fastlora" not in repr(layer) and repr(ours).count("fastlora: fused") == 2
-    x = x_input()
-    y0, dx0, g0 = out_and_grads(theirs, x)
-    y1, dx1, g1 = out_and_grads(ours, x)
-    close(y1, y0)
-    close(dx1, dx0)
-    for k in g0:
-        close(g1[k], g0[k], msg=k)
+    assert_as_peft(theirs, ours, x_input())
 
 
 def test_adapter_state_at_call_time_runs_peft_forward():
