@@ -123,7 +123,7 @@ class TorchBackend:
         if dropout_p == 0.0:
             x_hat = x2
         elif generator is None:
-            x_hat = F.dropout(x2, dropout_p, True)
+            x_hat = torch.dropout(x2, dropout_p, True)  # F.dropout without its Python wrapper
         else:
             # 0/1 mask; 1/(1 - p) rides on the last GEMM's alpha, where it costs no pass of its own.
             seed = draw_seed(x.device, generator)
