@@ -15,8 +15,8 @@ from fastlora.kernels import _launch, lora_expand, lora_linear, lora_shrink, wei
 from fastlora.kernels._launch import load_tuning, m_bucket, save_tuning  # noqa: E402
 
 # The weight-format flags of the pointer GEMMs (kernels/weight_tile.weight_args): dense, and NF4.
-DENSE = {"WEIGHT_FORMAT": weight_tile.DENSE, "QBLOCK": 1, "DOUBLE_QUANT": False}
-NF4 = {"WEIGHT_FORMAT": weight_tile.NF4, "QBLOCK": 64, "DOUBLE_QUANT": True}
+DENSE = {"WEIGHT_FORMAT": weight_tile.DENSE, "QBLOCK": 1, "DOUBLE_QUANT": False, "NF4_ROWS": False}
+NF4 = {"WEIGHT_FORMAT": weight_tile.NF4, "QBLOCK": 64, "DOUBLE_QUANT": True, "NF4_ROWS": True}
 # Each kernel with flags its launcher sets (in the launcher's order) and a layer shape.
 KERNELS = [
     (lora_linear._FWD, {"HAS_BIAS": True, **DENSE, "DOT_PRECISION": "ieee", "BLOCK_R": 16}, {"N": 4096, "K": 4096, "R": 16}),

@@ -10,7 +10,7 @@ import torch
 import fastlora
 from fastlora import nf4
 
-from conftest import check_case, make_case
+from conftest import check_case, cpu_backends, make_case
 
 
 @pytest.mark.parametrize("double_quant", [False, True], ids=["absmax", "double_quant"])
@@ -99,3 +99,26 @@ def test_the_op_saves_no_weight_copy(backend):
     a, b = torch.randn(4, 64, requires_grad=True), torch.randn(48, 4, requires_grad=True)
     _, saved = saved_activation_bytes(lambda: fastlora.lora_linear(x, q, None, a, b, 1.0), exclude=[a, b])
     assert saved == x.numel() * 4 + 20 * 4 * 4  # x and S (fp32)
+
+
+@pytest.mark.parametrize("tile_k", [32, 64], ids=["tile_in_one_block", "two_blocks_per_tile"])
+@pytest.mark.parametrize("double_quant", [False, True], ids=["absmax", "double_quant"])
+def test_row_tiles_of_whole_blocks(monkeypatch, tile_k, double_quant):
+    """Rows of whole blocks (K a multiple of the block size) take load_nf4_rows' tile loads: a tile inside
+    one block of each row, and (blocks of 32 in 64-wide tiles) two blocks per row of a tile; the last tile
+    ragged in K (K = 96 = 1.5 tiles of 64) and in N."""
+    pytest.importorskip("triton")
+    from fastlora.kernels import lora_linear
+    from fastlora.kernels.weight_tile import weight_args
+
+    if "triton" not in cpu_backends():
+        pytest.skip("the triton backend runs on the CPU only under TRITON_INTERPRET=1")
+    q = nf4.quantize(torch.randn(3, 96), 32, double_quant)
+    assert weight_args(q, torch.empty(0))[1]["NF4_ROWS"]
+    assert not weight_args(nf4.quantize(torch.randn(3, 100), 32), torch.empty(0))[1]["NF4_ROWS"]
+    config = lora_linear._cfg(16, 32, tile_k, 1, 1, group=2)
+    monkeypatch.setattr(lora_linear._FWD, "interpreter_config", config)
+    monkeypatch.setattr(lora_linear._BWD, "interpreter_config", lora_linear._cfg(16, tile_k, 32, 1, 1, group=2))
+    with fastlora.use_backend("triton"):
+        check_case(make_case((5, 7), 96, 45, 3, dropout_p=0.2), torch.float32, backend_name="triton", nf4_blocksize=32,
+                   double_quant=double_quant)  # fmt: skip

@@ -135,15 +135,19 @@ def _signature(kernel, dtype: str, adapter_dtype: str, boxes: dict[str, list[int
 
 
 # Each kernel with the flags its launcher can set; the last value of each is the heaviest (most registers).
-# The pointer GEMMs twice: with a dense W, and with an NF4 W dequantised in their main loop (blocks of 64,
-# bitsandbytes' default; the block size changes only a shift).
-_DENSE = {"WEIGHT_FORMAT": [weight_tile.DENSE], "QBLOCK": [1], "DOUBLE_QUANT": [False]}
-_NF4 = {"WEIGHT_FORMAT": [weight_tile.NF4], "QBLOCK": [64], "DOUBLE_QUANT": [False, True]}
+# The pointer GEMMs three times: with a dense W, and with an NF4 W dequantised in their main loop, element by
+# element and (rows of whole blocks) by row tiles. Blocks of 64, bitsandbytes' default: the block size
+# changes only shifts.
+_DENSE = {"WEIGHT_FORMAT": [weight_tile.DENSE], "QBLOCK": [1], "DOUBLE_QUANT": [False], "NF4_ROWS": [False]}
+_NF4 = {"WEIGHT_FORMAT": [weight_tile.NF4], "QBLOCK": [64], "DOUBLE_QUANT": [False, True], "NF4_ROWS": [False]}
+_NF4_ROWS = {**_NF4, "NF4_ROWS": [True]}
 _KERNELS = [
     (lora_linear._FWD, {"HAS_BIAS": [False, True], **_DENSE, "BLOCK_R": [lora_linear.PROLOGUE_BLOCK_R]}, True),
     (lora_linear._BWD, {"DROPOUT": [False, True], **_DENSE, "BLOCK_R": [lora_linear.PROLOGUE_BLOCK_R]}, True),
     (lora_linear._FWD, {"HAS_BIAS": [False, True], **_NF4, "BLOCK_R": [lora_linear.PROLOGUE_BLOCK_R]}, True),
     (lora_linear._BWD, {"DROPOUT": [False, True], **_NF4, "BLOCK_R": [lora_linear.PROLOGUE_BLOCK_R]}, True),
+    (lora_linear._FWD, {"HAS_BIAS": [False, True], **_NF4_ROWS, "BLOCK_R": [lora_linear.PROLOGUE_BLOCK_R]}, True),
+    (lora_linear._BWD, {"DROPOUT": [False, True], **_NF4_ROWS, "BLOCK_R": [lora_linear.PROLOGUE_BLOCK_R]}, True),
     (lora_linear._FWD_TMA, {"HAS_BIAS": [False, True], "BLOCK_R": [lora_linear.PROLOGUE_BLOCK_R]}, True),
     (lora_linear._BWD_TMA, {"DROPOUT": [False, True], "BLOCK_R": [lora_linear.PROLOGUE_BLOCK_R]}, True),
     (lora_shrink._FWD, {"DROPOUT": [False, True], "BLOCK_R": [16, 32, lora_shrink.FWD_MAX_BLOCK_R]}, False),

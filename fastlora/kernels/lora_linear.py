@@ -28,7 +28,7 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 from fastlora.kernels import _launch
 from fastlora.kernels._launch import Tunable, cdiv, dot_precision, triton_version
 from fastlora.kernels.dropout import keep, keep_threshold, seed_pointer
-from fastlora.kernels.weight_tile import NF4, load_w_tile, weight_args
+from fastlora.kernels.weight_tile import NF4, load_nf4_rows, load_w_tile, weight_args
 
 __all__ = ["lora_linear_fwd", "lora_linear_bwd", "uses_tma"]
 
@@ -111,7 +111,7 @@ def _lora_linear_fwd_kernel(
     M, N, K, R, scaling,
     stride_xm, stride_xk, stride_wn, stride_wk, stride_sm, stride_sr, stride_bn, stride_br, stride_ym, stride_yn,
     HAS_BIAS: tl.constexpr, WEIGHT_FORMAT: tl.constexpr, QBLOCK: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, BLOCK_R: tl.constexpr,
+    NF4_ROWS: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_R: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):  # fmt: skip
     """Y tile (BLOCK_M × BLOCK_N); W dense or NF4 (weight_tile.load_w_tile)."""
@@ -126,9 +126,13 @@ def _lora_linear_fwd_kernel(
         rk = k0 + tl.arange(0, BLOCK_K)
         x = tl.load(x_ptr + rm64[:, None] * stride_xm + rk[None, :] * stride_xk,
                     mask=(rm[:, None] < M) & (rk[None, :] < K), other=0.0)  # fmt: skip
-        w_t = load_w_tile(w_ptr, absmax_ptr, absmax_code_ptr, absmax_scale_ptr, absmax_offset_ptr, nf4_ptr,
-                          rn64[None, :], rk[:, None], (rn[None, :] < N) & (rk[:, None] < K), stride_wn, stride_wk, K,
-                          WEIGHT_FORMAT, QBLOCK, DOUBLE_QUANT)  # fmt: skip
+        if NF4_ROWS:
+            w_t = tl.trans(load_nf4_rows(w_ptr, absmax_ptr, absmax_code_ptr, absmax_scale_ptr, absmax_offset_ptr,
+                                         nf4_ptr, rn64, k0, N, K, QBLOCK, DOUBLE_QUANT, BLOCK_N, BLOCK_K))  # fmt: skip
+        else:
+            w_t = load_w_tile(w_ptr, absmax_ptr, absmax_code_ptr, absmax_scale_ptr, absmax_offset_ptr, nf4_ptr,
+                              rn64[None, :], rk[:, None], (rn[None, :] < N) & (rk[:, None] < K), stride_wn, stride_wk,
+                              K, WEIGHT_FORMAT, QBLOCK, DOUBLE_QUANT)  # fmt: skip
         acc = tl.dot(x, w_t.to(x.dtype), acc, input_precision=DOT_PRECISION)
     _epilogue(acc, y_ptr, bias_ptr, rm, rn, M, N, stride_ym, stride_yn, HAS_BIAS)
 
@@ -141,7 +145,7 @@ def _lora_linear_bwd_kernel(
     stride_gm, stride_gn, stride_wn, stride_wk, stride_dsm, stride_dsr, stride_ar, stride_ak,
     stride_dxm, stride_dxk,
     DROPOUT: tl.constexpr, WEIGHT_FORMAT: tl.constexpr, QBLOCK: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, BLOCK_R: tl.constexpr,
+    NF4_ROWS: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_R: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):  # fmt: skip
     """dX tile (BLOCK_M × BLOCK_K); the reduction runs over N in steps of BLOCK_N; W dense or NF4."""
@@ -158,9 +162,13 @@ def _lora_linear_bwd_kernel(
         rn64 = rn.to(tl.int64)
         g = tl.load(g_ptr + rm64[:, None] * stride_gm + rn64[None, :] * stride_gn,
                     mask=(rm[:, None] < M) & (rn[None, :] < N), other=0.0)  # fmt: skip
-        w = load_w_tile(w_ptr, absmax_ptr, absmax_code_ptr, absmax_scale_ptr, absmax_offset_ptr, nf4_ptr,
-                        rn64[:, None], rk64[None, :], (rn[:, None] < N) & (rk[None, :] < K), stride_wn, stride_wk, K,
-                        WEIGHT_FORMAT, QBLOCK, DOUBLE_QUANT)  # fmt: skip
+        if NF4_ROWS:
+            w = load_nf4_rows(w_ptr, absmax_ptr, absmax_code_ptr, absmax_scale_ptr, absmax_offset_ptr, nf4_ptr, rn64,
+                              pid_k * BLOCK_K, N, K, QBLOCK, DOUBLE_QUANT, BLOCK_N, BLOCK_K)  # fmt: skip
+        else:
+            w = load_w_tile(w_ptr, absmax_ptr, absmax_code_ptr, absmax_scale_ptr, absmax_offset_ptr, nf4_ptr,
+                            rn64[:, None], rk64[None, :], (rn[:, None] < N) & (rk[None, :] < K), stride_wn, stride_wk,
+                            K, WEIGHT_FORMAT, QBLOCK, DOUBLE_QUANT)  # fmt: skip
         acc = tl.dot(g, w.to(g.dtype), acc, input_precision=DOT_PRECISION)
     _epilogue(acc, dx_ptr, dx_ptr, rm, rk, M, K, stride_dxm, stride_dxk, False)
 
@@ -346,16 +354,22 @@ _NF4_FWD_CONFIGS = [
 ]
 
 
-def _nf4_configs(arch: int) -> list[triton.Config]:
-    return _NF4_FWD_CONFIGS if arch >= 90 else _NF4_FWD_CONFIGS[2:]
+# Row tiles of whole blocks (weight_tile.load_nf4_rows) decode with fewer registers: their decode tile runs on
+# 4 warps (on 8, dX spills 8 bytes with fp32 inputs on Triton 3.9).
+_NF4_ROWS_DECODE_CONFIG = _cfg(16, 64, 32, 4, 2, group=1)
+
+
+def _nf4_configs(flags: dict, arch: int) -> list[triton.Config]:
+    configs = [*_NF4_FWD_CONFIGS[:-1], _NF4_ROWS_DECODE_CONFIG if flags["NF4_ROWS"] else _NF4_FWD_CONFIGS[-1]]
+    return configs if arch >= 90 else configs[2:]
 
 
 def _fwd_configs(flags: dict, arch: int, itemsize: int) -> list[triton.Config]:
-    return _fwd_fit(_nf4_configs(arch) if flags["WEIGHT_FORMAT"] == NF4 else _FWD_CONFIGS, arch, itemsize)
+    return _fwd_fit(_nf4_configs(flags, arch) if flags["WEIGHT_FORMAT"] == NF4 else _FWD_CONFIGS, arch, itemsize)
 
 
 def _bwd_configs(flags: dict, arch: int, itemsize: int) -> list[triton.Config]:
-    configs = _nf4_configs(arch) if flags["WEIGHT_FORMAT"] == NF4 else _FWD_CONFIGS
+    configs = _nf4_configs(flags, arch) if flags["WEIGHT_FORMAT"] == NF4 else _FWD_CONFIGS
     swapped = [_cfg(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_K"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages,
                     c.kwargs["GROUP_M"]) for c in configs]  # fmt: skip
     return _bwd_fit(swapped, flags, arch, itemsize)
