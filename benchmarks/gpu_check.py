@@ -252,10 +252,8 @@ def qlora_timings(device: torch.device, backends: list[str], quick: bool, rounds
     else:
         shapes = {layer: layer_shapes("Llama-2-7B")[layer] for layer in ("q", "gate", "down")}
         ms, dtype = [16, 32, 64, 4096], torch.bfloat16
-    try:
-        from fastlora.bench_qlora import _peft_over_bnb
-    except ImportError:
-        _peft_over_bnb = None
+    from fastlora.bench_qlora import _peft_over_bnb  # bitsandbytes and PEFT are imported when it runs
+
     rows = []
     for layer, (k, n) in shapes.items():
         g = torch.Generator(device=device).manual_seed(0)
@@ -264,7 +262,7 @@ def qlora_timings(device: torch.device, backends: list[str], quick: bool, rounds
         a = (torch.randn(16, k, device=device, generator=g) / k**0.5).requires_grad_()
         b = (torch.randn(n, 16, device=device, generator=g) * 0.01).requires_grad_()
         peft = None
-        if _peft_over_bnb is not None and device.type == "cuda":
+        if device.type == "cuda":
             try:
                 peft = _peft_over_bnb(w.cpu(), 16, dtype).to(device)
             except Exception as err:  # bitsandbytes missing or without this device: said in the row

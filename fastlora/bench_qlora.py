@@ -57,19 +57,14 @@ def _variants(m: int, k: int, n: int, r: int, dtype: torch.dtype) -> dict[str, n
         warnings.simplefilter("ignore")
         fastlora.accelerate(accelerated)
     out["PEFT accelerated"] = accelerated
-    ours = _fastlora_layer(peft, dtype)
-    if ours is not None:
-        out["fastlora QLoRA layer"] = ours
+    out["fastlora QLoRA layer"] = _fastlora_layer(peft)
     return out
 
 
-def _fastlora_layer(peft: nn.Module, dtype: torch.dtype) -> nn.Module | None:
+def _fastlora_layer(peft: nn.Module) -> nn.Module:
     """fastlora's own QLoRA layer over the same 4-bit codes and the same adapter values as ``peft``."""
-    from_bnb = getattr(fastlora, "from_bnb", None)
-    if from_bnb is None:
-        return None
     layer = peft.base_model.model[0]
-    ours = from_bnb(copy.deepcopy(nn.Sequential(layer.base_layer)))[0]
+    ours = fastlora.from_bnb(copy.deepcopy(nn.Sequential(layer.base_layer)))[0]
     ours = fastlora.LoRALinear.from_linear(ours, r=layer.r["default"], lora_alpha=layer.lora_alpha["default"])
     with torch.no_grad():
         ours.lora_A["default"].copy_(layer.lora_A["default"].weight)

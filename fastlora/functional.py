@@ -8,6 +8,7 @@ import numbers
 import torch
 
 from fastlora.backends import draw_seed, resolve_backend
+from fastlora.nf4 import DTYPES as _NF4_DTYPES
 from fastlora.nf4 import NF4Weight
 from fastlora.ops import lora_linear_eager
 
@@ -26,7 +27,6 @@ def _check_tensor(name: str, t: object) -> torch.Tensor:
 
 
 _Tensor = torch.Tensor
-_NF4_COMPUTE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def _check_args(x, weight, bias, lora_A, lora_B, scaling, dropout_p, training, generator) -> None:
@@ -41,7 +41,7 @@ def _check_args(x, weight, bias, lora_A, lora_B, scaling, dropout_p, training, g
     ):  # fmt: skip
         w_shape, a_shape, b_shape = weight.shape, lora_A.shape, lora_B.shape  # each .shape builds a tuple
         # An NF4 weight computes in x's dtype (float16, bfloat16 or float32).
-        base_dtype = x.dtype if type(weight) is NF4Weight and x.dtype in _NF4_COMPUTE_DTYPES else weight.dtype
+        base_dtype = x.dtype if type(weight) is NF4Weight and x.dtype in _NF4_DTYPES else weight.dtype
         if (
             len(w_shape) == 2 and len(a_shape) == 2 and len(b_shape) == 2 and x.ndim >= 1
             and x.shape[-1] == w_shape[1] == a_shape[1] and a_shape[0] >= 1
@@ -62,7 +62,7 @@ def _check_args(x, weight, bias, lora_A, lora_B, scaling, dropout_p, training, g
     if quantized:
         if weight.device != x.device:
             raise ValueError(f"weight: expected device {x.device} (x's), got {weight!r}")
-        if x.dtype not in _NF4_COMPUTE_DTYPES:
+        if x.dtype not in _NF4_DTYPES:
             raise TypeError(f"x: an NF4 weight computes in float16, bfloat16 or float32; got {_describe(x)}")
     else:
         _check_tensor("weight", weight)

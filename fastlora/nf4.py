@@ -64,7 +64,9 @@ if TYPE_CHECKING:
 __all__ = [
     "NF4_BLOCKSIZES",
     "ABSMAX_BLOCKSIZE",
+    "DTYPES",
     "NF4Weight",
+    "count_non_finite",
     "quantize",
     "dequantize",
     "dequantize_rows",
@@ -77,7 +79,8 @@ __all__ = [
 NF4_BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 # bitsandbytes double-quantises absmax in blocks of 256, whatever the 4-bit blocksize.
 ABSMAX_BLOCKSIZE = 256
-_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# The dtypes NF4 quantises from and dequantises into (what the fused GEMMs compute in).
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 # bitsandbytes.functional.get_4bit_type("nf4"): the 16 NF4 values, as Python floats rounded to fp32.
 _NF4_VALUES = (
@@ -189,7 +192,7 @@ def _check_blocksize(name: str, value: object) -> int:
 
 
 def _check_out_dtype(name: str, value: object) -> torch.dtype:
-    if value not in _DTYPES:
+    if value not in DTYPES:
         raise TypeError(f"{name}: expected one of torch.float32, torch.float16, torch.bfloat16, got {value!r}")
     return value  # type: ignore[return-value]
 
@@ -426,7 +429,23 @@ def _quantize_absmax(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return codes.to(torch.uint8).view(-1)[:m], scales
 
 
-_FINITE_CHECK_CHUNK = 1 << 20  # elements
+# Rows of a weight checked per step for NaN/Inf: torch.isfinite holds |W| and three boolean masks, so a
+# whole-weight check would cost more than the quantisation's own temporaries (quantising a model holds at
+# most one layer's full-precision weight extra); about a million elements at a time instead.
+_FINITE_CHECK_CHUNK = 1 << 20
+
+
+def _row_chunks(weight: torch.Tensor):
+    """(first row, rows) of a 2-D weight, about _FINITE_CHECK_CHUNK elements at a time."""
+    rows = max(1, _FINITE_CHECK_CHUNK // max(1, weight.shape[-1]))
+    for start in range(0, weight.shape[0], rows):
+        yield start, weight[start : start + rows]
+
+
+@torch.no_grad()
+def count_non_finite(weight: torch.Tensor) -> int:
+    """How many NaN/Inf a 2-D weight holds, counted in row chunks (no mask of the whole weight)."""
+    return sum(int((~torch.isfinite(chunk)).sum()) for _, chunk in _row_chunks(weight))
 
 
 @torch.no_grad()
@@ -450,7 +469,7 @@ def quantize(weight: torch.Tensor, blocksize: int = 64, double_quant: bool = Tru
     """
     if not isinstance(weight, torch.Tensor):
         raise TypeError(f"weight: expected a torch.Tensor, got {type(weight).__name__}")
-    if weight.dtype not in _DTYPES:
+    if weight.dtype not in DTYPES:
         raise TypeError(f"weight: expected dtype torch.float32, torch.float16 or torch.bfloat16, "
                         f"got {_describe(weight)}")  # fmt: skip
     if weight.dim() != 2:
@@ -459,17 +478,12 @@ def quantize(weight: torch.Tensor, blocksize: int = 64, double_quant: bool = Tru
         raise ValueError(f"weight: expected at least one element, got {_describe(weight)}")
     blocksize = _check_blocksize("blocksize", blocksize)
     double_quant = check_bool("double_quant", double_quant)
-    # Checked a chunk of rows at a time: a mask of the whole weight would cost more than the quantisation's
-    # own temporaries (quantising a model holds at most one layer's full-precision weight extra).
-    rows = max(1, _FINITE_CHECK_CHUNK // weight.shape[1])
-    for start in range(0, weight.shape[0], rows):
-        finite = torch.isfinite(weight[start : start + rows])
-        if not bool(finite.all()):
-            n, k = (~finite).nonzero()[0].tolist()
-            count = sum(int((~torch.isfinite(weight[i : i + rows])).sum()) for i in range(0, weight.shape[0], rows))
-            raise ValueError(f"weight: expected finite values, got {count} NaN/Inf, the first at ({start + n}, {k}) "
-                             f"= {weight[start + n, k].item()}")  # fmt: skip
-    del finite
+    count = count_non_finite(weight)
+    if count:
+        n, k = next((start + int(i), int(j)) for start, chunk in _row_chunks(weight)
+                    for i, j in (~torch.isfinite(chunk)).nonzero()[:1])  # fmt: skip
+        raise ValueError(f"weight: expected finite values, got {count} NaN/Inf, the first at ({n}, {k}) "
+                         f"= {weight[n, k].item()}")  # fmt: skip
 
     flat = weight.reshape(-1)
     numel = flat.numel()

@@ -23,7 +23,7 @@ from fastlora.nf4 import NF4_BLOCKSIZES, NF4Weight
 __all__ = ["NF4Linear", "quantize", "from_bnb", "to_bnb", "COMPUTE_DTYPES", "QUANTIZATION_METHODS"]
 
 # The dtypes the fused kernels dequantise NF4 into.
-COMPUTE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+COMPUTE_DTYPES = nf4.DTYPES
 QUANTIZATION_METHODS = ("nf4",)
 # NF4Weight field -> buffer name. The buffers are the state dict: "<layer>.weight_packed", ...
 _BUFFERS = {
@@ -333,7 +333,7 @@ def quantize(
             raise TypeError(f"model: {name}.weight is {weight.dtype}; NF4 quantises float32, float16 or bfloat16 weights")
         if weight.device.type == "meta":
             continue
-        bad = _count_non_finite(weight)
+        bad = nf4.count_non_finite(weight)
         if bad:
             raise ValueError(f"model: {name}.weight has {bad} NaN/Inf values; NF4 quantises finite weights only")
 
@@ -348,17 +348,6 @@ def quantize(
                 layer.train(module.training)
                 _set_submodule(model, name, layer)
     return model
-
-
-# Rows of a weight checked per step for NaN/Inf: torch.isfinite holds |W| and three boolean masks, so a
-# whole-weight check would cost more than the weight itself; about a million elements at a time instead.
-_CHECK_CHUNK = 1 << 20
-
-
-@torch.no_grad()
-def _count_non_finite(weight: torch.Tensor) -> int:
-    rows = max(1, _CHECK_CHUNK // max(1, weight.shape[-1]))
-    return sum(int((~torch.isfinite(weight[i : i + rows])).sum()) for i in range(0, weight.shape[0], rows))
 
 
 def _quantized(weight: torch.Tensor, bias: torch.Tensor | None, transposed: bool, compute_dtype: torch.dtype,

@@ -24,6 +24,7 @@ import threading
 import torch
 import torch.nn.functional as F
 
+from fastlora import nf4
 from fastlora.backends import draw_seed
 
 # Keep-mask resolution: an element is kept when its 31 uniform bits are >= round(p · 2³¹), so the
@@ -49,12 +50,10 @@ _DEQUANT_CHUNK = 1 << 20
 def _row_chunks(weight, dtype: torch.dtype):
     """(first row, rows of W dequantised into ``dtype``) for consecutive chunks of a quantised (N, K) weight:
     only one chunk exists in full precision at a time."""
-    from fastlora.nf4 import dequantize_rows
-
     n, k = weight.shape
     rows = max(1, _DEQUANT_CHUNK // k)
     for start in range(0, n, rows):
-        yield start, dequantize_rows(weight, start, min(n, start + rows), dtype)
+        yield start, nf4.dequantize_rows(weight, start, min(n, start + rows), dtype)
 
 
 class TorchBackend:
