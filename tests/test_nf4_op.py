@@ -90,6 +90,22 @@ def test_no_full_precision_weight_in_the_torch_backend(monkeypatch):
     torch.testing.assert_close(y.detach(), want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("amx", [False, True], ids=["fp32_gemms", "bf16_gemms"])
+def test_bf16_gemm_dtype_on_the_cpu(monkeypatch, amx):
+    """On a CPU without AMX the torch backend runs a quantised base's bf16 GEMMs in fp32 (twice as fast
+    there), with AMX in bf16; either way forward and every gradient match float64 on the dequantised bf16
+    weight, with dropout, and dX accumulated over several chunks of rows."""
+    from fastlora.backends import torch_backend
+
+    monkeypatch.setattr(torch_backend, "_cpu_has_amx", lambda: amx)
+    want = torch.bfloat16 if amx else torch.float32
+    assert torch_backend._gemm_dtype(torch.device("cpu"), torch.bfloat16) == want
+    assert torch_backend._gemm_dtype(torch.device("cpu"), torch.float16) == torch.float16
+    monkeypatch.setattr(torch_backend, "_DEQUANT_CHUNK", 128 * 8)  # 8 rows of 128 at a time: 5 chunks
+    check_case(make_case((6, 5), 128, 40, 3, dropout_p=0.2), torch.bfloat16, torch.float32, backend_name="torch",
+               nf4_blocksize=64)  # fmt: skip
+
+
 def test_the_op_saves_no_weight_copy(backend):
     """What backward keeps: x, S and the NF4 weight object (its own storage), no dequantised copy."""
     from fastlora.profiling import saved_activation_bytes

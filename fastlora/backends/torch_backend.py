@@ -18,6 +18,7 @@ few times as PyTorch allows and saves as little as the math needs.
 
 from __future__ import annotations
 
+import functools
 import math
 import threading
 
@@ -47,13 +48,35 @@ _COMPOSE_MAX_DROPOUT = 4096
 _DEQUANT_CHUNK = 1 << 20
 
 
-def _row_chunks(weight, dtype: torch.dtype):
-    """(first row, rows of W dequantised into ``dtype``) for consecutive chunks of a quantised (N, K) weight:
-    only one chunk exists in full precision at a time."""
+@functools.cache
+def _cpu_has_amx() -> bool:
+    probe = getattr(torch.cpu, "_is_amx_tile_supported", None)  # private, hence looked up defensively
+    return bool(probe()) if probe is not None else False
+
+
+def _gemm_dtype(device: torch.device, dtype: torch.dtype) -> torch.dtype:
+    """The dtype the quantised base's GEMMs run in for inputs of ``dtype``.
+
+    On a CPU without AMX tiles, oneDNN's bf16 GEMM runs at half the speed of fp32 (measured on this
+    project's 2-core AVX512-BF16 CI machine, 512 × 2048 × 2048: bf16 27 ms, fp32 14-16 ms, fp16 14 ms).
+    A quantised base is decoded on every call anyway, so there the bf16 GEMMs run in fp32 instead: the
+    decoded chunk is still rounded to bf16 (the layer's weight is the same bf16 values on every path) and
+    x and G widen exactly, so only the accumulation differs, and it rounds once at the end instead of per
+    chunk. A dense bf16 weight keeps the bf16 GEMM: widening it would cost a copy of W per call.
+    """
+    if dtype == torch.bfloat16 and device.type == "cpu" and not _cpu_has_amx():
+        return torch.float32
+    return dtype
+
+
+def _row_chunks(weight, dtype: torch.dtype, gemm_dtype: torch.dtype):
+    """(first row, rows of W dequantised into ``dtype``, held in ``gemm_dtype``) for consecutive chunks of a
+    quantised (N, K) weight: only one chunk exists in full precision at a time."""
     n, k = weight.shape
     rows = max(1, _DEQUANT_CHUNK // k)
     for start in range(0, n, rows):
-        yield start, nf4.dequantize_rows(weight, start, min(n, start + rows), dtype)
+        chunk = nf4.dequantize_rows(weight, start, min(n, start + rows), dtype)
+        yield start, chunk if gemm_dtype == dtype else chunk.to(gemm_dtype)
 
 
 class TorchBackend:
@@ -165,15 +188,23 @@ class TorchBackend:
         # on the GEMM's alpha: no separate pass, no extra op's host time.
         y = torch.empty((*lead, out_features), dtype=dtype, device=x.device)
         y2 = y if y.dim() == 2 else y.view(-1, out_features)
+        quantised = not isinstance(weight, torch.Tensor)
+        gemm_dtype = _gemm_dtype(x.device, dtype) if quantised else dtype
+        # acc: where the GEMMs accumulate, y2 itself unless they run in a wider dtype than y's.
+        acc = y2 if gemm_dtype == dtype else torch.empty(y2.shape, dtype=gemm_dtype, device=x.device)
+        s_acc, b_acc = shrink.to(gemm_dtype), b.to(gemm_dtype)  # no-ops unless widened
         if bias is None:
-            y2.addmm_(shrink, b.t(), beta=0, alpha=scaling)  # beta=0: y2's uninitialised values are ignored
+            acc.addmm_(s_acc, b_acc.t(), beta=0, alpha=scaling)  # beta=0: acc's uninitialised values are ignored
         else:
-            torch.addmm(bias, shrink, b.t(), alpha=scaling, out=y2)
-        if isinstance(weight, torch.Tensor):
-            y2.addmm_(x2, weight.t())
+            torch.addmm(bias.to(gemm_dtype), s_acc, b_acc.t(), alpha=scaling, out=acc)
+        if not quantised:
+            acc.addmm_(x2, weight.t())
         else:
-            for start, w in _row_chunks(weight, dtype):  # + x·W[rows]ᵀ, one chunk of dequantised rows at a time
-                y2[:, start : start + w.shape[0]].addmm_(x2, w.t())
+            x_acc = x2.to(gemm_dtype)
+            for start, w in _row_chunks(weight, dtype, gemm_dtype):  # + x·W[rows]ᵀ, a chunk of rows at a time
+                acc[:, start : start + w.shape[0]].addmm_(x_acc, w.t())
+            if acc is not y2:
+                y2.copy_(acc)
         return y, (shrink if x.dim() == 2 else shrink.view(*lead, rank))
 
     def backward(
@@ -215,14 +246,19 @@ class TorchBackend:
 
         grad_x = None
         if need_x:
-            grad_x = torch.mm(d_shrink, a)  # (M, K)
+            quantised = not isinstance(weight, torch.Tensor)
+            gemm_dtype = _gemm_dtype(x.device, dtype) if quantised else dtype
+            # (M, K), accumulated in gemm_dtype (see forward).
+            grad_x = torch.mm(d_shrink.to(gemm_dtype), a.to(gemm_dtype))
             if keep is not None:
                 grad_x.mul_(keep)
-            if isinstance(weight, torch.Tensor):
+            if not quantised:
                 grad_x.addmm_(g, weight)  # + G·W, accumulated in the GEMM
             else:
-                for start, w in _row_chunks(weight, dtype):  # + G[:, rows]·W[rows]
-                    grad_x.addmm_(g[:, start : start + w.shape[0]], w)
+                g_acc = g.to(gemm_dtype)
+                for start, w in _row_chunks(weight, dtype, gemm_dtype):  # + G[:, rows]·W[rows]
+                    grad_x.addmm_(g_acc[:, start : start + w.shape[0]], w)
+                grad_x = grad_x.to(dtype)
             grad_x = grad_x if flat else grad_x.view(x.shape)
 
         grad_a = None
