@@ -2,7 +2,8 @@
 
 from fastlora.backends import BACKEND_NAMES, set_backend, use_backend
 from fastlora.env import info
-from fastlora.functional import lora_linear
+from fastlora.functional import lora_linear, lora_linear_multi
+from fastlora.grouping import RowGrouping, group_rows
 from fastlora.io import load_adapter, save_adapter
 from fastlora.layers import LoRALinear
 from fastlora.model import (
@@ -40,6 +41,9 @@ __all__ = [
     "load_adapter",
     "load_tuning",
     "lora_linear",
+    "lora_linear_multi",
+    "group_rows",
+    "RowGrouping",
     "merge",
     "quantize",
     "from_bnb",

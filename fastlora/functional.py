@@ -1,18 +1,20 @@
-"""``lora_linear``: argument checks with clear messages, autocast, the dropout seed, then the op."""
+"""``lora_linear`` and ``lora_linear_multi``: argument checks with clear messages, autocast, the dropout seed, then the op."""
 
 from __future__ import annotations
 
 import math
 import numbers
+from collections.abc import Sequence
 
 import torch
 
-from fastlora.backends import draw_seed, resolve_backend
+from fastlora.backends import AUTO, draw_seed, get_backend, resolve_backend, selected_backend_name
+from fastlora.grouping import RowGrouping, group_rows
 from fastlora.nf4 import DTYPES as _NF4_DTYPES
 from fastlora.nf4 import NF4Weight
-from fastlora.ops import lora_linear_eager
+from fastlora.ops import lora_linear_eager, lora_linear_multi_eager
 
-__all__ = ["lora_linear"]
+__all__ = ["lora_linear", "lora_linear_multi"]
 
 def _describe(t: torch.Tensor) -> str:
     return f"tensor of shape {tuple(t.shape)}, dtype {t.dtype}, device {t.device}"
@@ -173,3 +175,122 @@ def _apply(x, weight, bias, lora_A, lora_B, scaling, p, generator):
         return torch.ops.fastlora.lora_linear(x, weight, bias, lora_A, lora_B, scaling, p, seed, "")[0]
     # Resolved once here: backward runs on the same backend even if the selection changes meanwhile.
     return lora_linear_eager(x, weight, bias, lora_A, lora_B, scaling, p, generator, resolve_backend(x.device, x.dtype))
+
+
+def _per_adapter(name: str, value, n: int, kind: str) -> tuple:
+    """A scalar or a sequence of n numbers, as a tuple of n Python numbers (checked by the caller)."""
+    if isinstance(value, torch.Tensor):
+        value = value.tolist() if value.dim() == 1 else value.item()
+    if isinstance(value, (list, tuple)):
+        if len(value) != n:
+            raise ValueError(f"{name}: expected one {kind} per adapter ({n}), got {len(value)}")
+        return tuple(value)
+    return (value,) * n
+
+
+def _check_multi(x, lora_A, lora_B, scaling, dropout_p, ranks, adapter_index):
+    """The stacked adapters and per-adapter arguments of ``lora_linear_multi``, normalised:
+    (scalings, dropout_ps, ranks) as tuples of n Python numbers."""
+    _check_tensor("x", x)
+    _check_tensor("lora_A", lora_A)
+    _check_tensor("lora_B", lora_B)
+    if lora_A.dim() != 3 or lora_A.shape[0] < 1 or lora_A.shape[1] < 1:
+        raise ValueError(f"lora_A: expected 3-D (n adapters >= 1, r_max >= 1, in_features), got {_describe(lora_A)}")
+    n, r_max, in_features = lora_A.shape
+    if x.dim() >= 1 and x.shape[-1] != in_features:
+        raise ValueError(f"lora_A: expected last dimension in_features={x.shape[-1]} (x's), got {_describe(lora_A)}")
+    if lora_B.dim() != 3 or lora_B.shape[0] != n or lora_B.shape[2] != r_max:
+        raise ValueError(f"lora_B: expected 3-D (n={n}, out_features, r_max={r_max}) like lora_A's "
+                         f"(n, r_max, in_features), got {_describe(lora_B)}")  # fmt: skip
+    scalings = _per_adapter("scaling", scaling, n, "scaling")
+    for s in scalings:
+        if isinstance(s, bool) or not isinstance(s, numbers.Real) or not math.isfinite(s):
+            raise ValueError(f"scaling: expected finite real numbers, got {s!r}")
+    dropout_ps = _per_adapter("dropout_p", dropout_p, n, "probability")
+    for p in dropout_ps:
+        if isinstance(p, bool) or not isinstance(p, numbers.Real) or not 0.0 <= p < 1.0:
+            raise ValueError(f"dropout_p: expected probabilities in [0, 1), got {p!r}")
+    if ranks is None:
+        ranks = (r_max,) * n
+    else:
+        ranks = _per_adapter("ranks", ranks, n, "rank")
+        for r in ranks:
+            if isinstance(r, bool) or not isinstance(r, numbers.Integral) or not 1 <= r <= r_max:
+                raise ValueError(f"ranks: expected integers in [1, r_max={r_max}], got {r!r}")
+    if isinstance(adapter_index, RowGrouping):
+        if adapter_index.num_adapters != n or adapter_index.rows_shape != tuple(x.shape[:-1]):
+            raise ValueError(f"adapter_index: a RowGrouping for {adapter_index.num_adapters} adapters and rows "
+                             f"{adapter_index.rows_shape}, but lora_A stacks {n} and x's rows are "
+                             f"{tuple(x.shape[:-1])}")  # fmt: skip
+        if adapter_index.index.device != x.device:
+            raise ValueError(f"adapter_index: expected device {x.device} (x's), got {adapter_index.index.device}")
+    elif isinstance(adapter_index, torch.Tensor) and adapter_index.device != x.device:
+        raise ValueError(f"adapter_index: expected device {x.device} (x's), got {_describe(adapter_index)}")
+    return (tuple(float(s) for s in scalings), tuple(float(p) for p in dropout_ps), tuple(int(r) for r in ranks))
+
+
+def lora_linear_multi(
+    x: torch.Tensor,
+    weight: torch.Tensor | NF4Weight,
+    bias: torch.Tensor | None,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    scaling: float | Sequence[float],
+    adapter_index: torch.Tensor | RowGrouping,
+    dropout_p: float | Sequence[float] = 0.0,
+    training: bool = True,
+    *,
+    ranks: Sequence[int] | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """A batch whose rows use different adapters: y = x·Wᵀ + b + s_a·(dropout_a(x)·A_aᵀ)·B_aᵀ, with a the
+    row's adapter (no LoRA term where it is −1), fused, with gradients for x and every adapter.
+
+    Args:
+        x: (..., K) input.
+        weight: (N, K) base weight in x's dtype, or an ``NF4Weight``.
+        bias: (N,) in x's dtype, or None.
+        lora_A: (n, r_max, K) stacked adapters' A; adapter a uses lanes [:ranks[a]].
+        lora_B: (n, N, r_max) stacked adapters' B.
+        scaling: s, one for all adapters or a sequence of n.
+        adapter_index: integer tensor of each row's adapter in [−1, n), −1 = base only; its shape a prefix of
+            x's leading dimensions (e.g. (B,) for x (B, T, K)) or broadcastable to them. Or a ``RowGrouping``
+            from ``fastlora.group_rows`` (compute it once per batch and pass it to every layer).
+        dropout_p: drop probability in [0, 1), one or a sequence of n; each row drops with its adapter's.
+        training: dropout applies only when True.
+        ranks: n ranks in [1, r_max] (default r_max each): lanes past an adapter's rank are never read,
+            and their gradients are zero.
+        generator: where the dropout seed comes from; default PyTorch's for x's device.
+
+    Returns:
+        (..., N) in x's dtype. Gradients: dA (n, r_max, K) and dB (n, N, r_max) in the adapters' dtype, zero
+        for adapters without rows. Runs on the torch backend (the Triton kernels for mixed batches are not
+        written yet): under "auto" it takes it quietly, a backend asked for by name that lacks it raises.
+        Not traceable by ``torch.compile`` yet.
+    """
+    scalings, dropout_ps, ranks = _check_multi(x, lora_A, lora_B, scaling, dropout_p, ranks, adapter_index)
+    _check_args(x, weight, bias, lora_A[0], lora_B[0], scalings[0], dropout_ps[0], training, generator)
+    if not training:
+        dropout_ps = (0.0,) * len(dropout_ps)
+    grouping = adapter_index
+    if not isinstance(grouping, RowGrouping):
+        grouping = group_rows(adapter_index, lora_A.shape[0], x.shape[:-1])
+    if torch.compiler.is_compiling():
+        raise NotImplementedError("lora_linear_multi: torch.compile does not trace mixed-adapter batches yet")
+    backend = resolve_backend(x.device, x.dtype)
+    if not hasattr(backend, "forward_multi"):
+        if selected_backend_name() != AUTO:
+            raise RuntimeError(f"fastlora backend {backend.name!r} was requested but has no mixed-adapter "
+                               "(lora_linear_multi) implementation yet; use 'torch' or 'auto'")  # fmt: skip
+        backend = get_backend("torch")
+    device_type = x.device.type
+    if _autocast_enabled(device_type):
+        dtype = torch.get_autocast_dtype(device_type)
+        x = x.to(dtype)
+        weight = weight if isinstance(weight, NF4Weight) else weight.to(dtype)
+        bias = None if bias is None else bias.to(dtype)
+        with torch.autocast(device_type, enabled=False):
+            return lora_linear_multi_eager(x, weight, bias, lora_A, lora_B, scalings, dropout_ps, ranks, grouping,
+                                           generator, backend)  # fmt: skip
+    return lora_linear_multi_eager(x, weight, bias, lora_A, lora_B, scalings, dropout_ps, ranks, grouping, generator,
+                                   backend)  # fmt: skip

@@ -21,7 +21,7 @@ import torch
 
 from fastlora.backends import draw_seed, get_backend, resolve_backend
 
-__all__ = ["LoRALinearFunction", "lora_linear_eager", "lora_linear_op"]
+__all__ = ["LoRALinearFunction", "LoRALinearMultiFunction", "lora_linear_eager", "lora_linear_multi_eager", "lora_linear_op"]
 
 
 def _backend(name: str, x: torch.Tensor):
@@ -162,6 +162,14 @@ class LoRALinearFunction(torch.autograd.Function):
         return dx, dw, dbias, da, db_, None
 
 
+def _needs_grad(x, weight, bias, lora_A, lora_B) -> bool:
+    return torch.is_grad_enabled() and (
+        x.requires_grad or lora_A.requires_grad or lora_B.requires_grad
+        or getattr(weight, "requires_grad", False)  # an NF4Weight is frozen: it has no requires_grad
+        or (bias is not None and bias.requires_grad)
+    )  # fmt: skip
+
+
 def lora_linear_eager(x, weight, bias, lora_A, lora_B, scaling, dropout_p, generator, backend) -> torch.Tensor:
     """The eager call, in the cheapest form that gives the same result and gradients (host time decides
     at small sizes, see ``fastlora bench --host``). ``backend`` is a backend object that runs here; the
@@ -172,11 +180,49 @@ def lora_linear_eager(x, weight, bias, lora_A, lora_B, scaling, dropout_p, gener
         if y is not None:
             return y
     seed = draw_seed(x.device, generator) if dropout_p > 0.0 else None
-    if torch.is_grad_enabled() and (
-        x.requires_grad or lora_A.requires_grad or lora_B.requires_grad
-        or getattr(weight, "requires_grad", False)  # an NF4Weight is frozen: it has no requires_grad
-        or (bias is not None and bias.requires_grad)
-    ):  # fmt: skip
+    if _needs_grad(x, weight, bias, lora_A, lora_B):
         return LoRALinearFunction.apply(x, weight, bias, lora_A, lora_B, (scaling, dropout_p, seed, backend.name))
     # Nothing to differentiate (inference, no_grad): no Function, nothing saved.
     return _run_forward(backend, x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed)[0]
+
+
+# --- mixed-adapter batches ---------------------------------------------------------------------------------
+
+
+class LoRALinearMultiFunction(torch.autograd.Function):
+    """``fastlora.lora_linear_multi``'s autograd: saves what the single op saves (x, the weights, S, the seed)
+    and the row grouping. ``params = (scalings, dropout_ps, ranks, grouping, seed, backend)``."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, lora_A, lora_B, params):
+        scalings, dropout_ps, ranks, grouping, seed, backend = params
+        y, shrink = get_backend(backend).forward_multi(x, weight, bias, lora_A, lora_B, scalings, dropout_ps, ranks,
+                                                       grouping, seed)  # fmt: skip
+        dense = isinstance(weight, torch.Tensor)
+        ctx.save_for_backward(x, weight if dense else None, lora_A, lora_B, shrink, seed)
+        ctx.quantized = None if dense else weight
+        ctx.params = params
+        ctx.needs = _needs(ctx.needs_input_grad)
+        return y
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_y):
+        x, weight, lora_A, lora_B, shrink, seed = ctx.saved_tensors
+        weight = weight if ctx.quantized is None else ctx.quantized
+        scalings, dropout_ps, ranks, grouping, _, backend = ctx.params
+        dx, da, db_, dw, dbias = get_backend(backend).backward_multi(
+            grad_y, x, weight, lora_A, lora_B, shrink, scalings, dropout_ps, ranks, grouping, seed, tuple(ctx.needs)
+        )
+        return dx, dw, dbias, da, db_, None
+
+
+def lora_linear_multi_eager(x, weight, bias, lora_A, lora_B, scalings, dropout_ps, ranks, grouping, generator,
+                            backend) -> torch.Tensor:  # fmt: skip
+    """As ``lora_linear_eager`` for a mixed-adapter batch: the Function when a gradient is needed, else the
+    backend's forward alone."""
+    seed = draw_seed(x.device, generator) if any(p > 0.0 for p in dropout_ps) else None
+    if _needs_grad(x, weight, bias, lora_A, lora_B):
+        params = (scalings, dropout_ps, ranks, grouping, seed, backend.name)
+        return LoRALinearMultiFunction.apply(x, weight, bias, lora_A, lora_B, params)
+    return backend.forward_multi(x, weight, bias, lora_A, lora_B, scalings, dropout_ps, ranks, grouping, seed)[0]

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = ["lora_linear", "philox4x32", "keep_mask"]
+__all__ = ["lora_linear", "lora_linear_multi", "philox4x32", "keep_mask"]
 
 
 def lora_linear(
@@ -88,3 +88,40 @@ def keep_mask(seed: int, rows: np.ndarray, in_features: int, dropout_p: float) -
     draws = np.stack((r0, r2, r1, r3), axis=-1)  # (M, K, 4): the order tl.join(tl.join(r0, r1), tl.join(r2, r3)) lays out
     lane = np.take_along_axis(draws, (cols % np.uint64(4)).astype(np.int64)[None, :, None], axis=-1)[..., 0]
     return lane.astype(np.int64) >= round(dropout_p * (1 << 32))
+
+
+def lora_linear_multi(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    scalings: list[float],
+    row_adapter: torch.Tensor,
+    ranks: list[int] | None = None,
+    dropout_mask: torch.Tensor | None = None,
+    dropout_ps: list[float] | None = None,
+) -> torch.Tensor:
+    """A mixed-adapter batch as a loop over rows' adapters: y = x·Wᵀ + b, then for each adapter a, on the rows
+    whose ``row_adapter`` is a, + s_a·(x̂·A_a[:r_a]ᵀ)·B_a[:, :r_a]ᵀ.
+
+    Args:
+        x: (M, K); weight (N, K); bias (N,) or None; lora_A (n, r_max, K); lora_B (n, N, r_max).
+        row_adapter: (M,) integer adapter of each row, −1 = base only.
+        ranks: n ranks (default r_max each).
+        dropout_mask: optional (M, K) boolean keep-mask (True = kept); row i is scaled by 1/(1 − p) of its
+            adapter (``dropout_ps``).
+    """
+    y = F.linear(x, weight, bias)
+    n, r_max = lora_A.shape[:2]
+    ranks = ranks or [r_max] * n
+    for a in range(n):
+        rows = (row_adapter == a).nonzero().flatten()
+        if rows.numel() == 0:
+            continue
+        x_a = x[rows]
+        if dropout_mask is not None:
+            x_a = x_a * dropout_mask[rows] / (1.0 - dropout_ps[a])
+        r = ranks[a]
+        y[rows] = y[rows] + scalings[a] * ((x_a @ lora_A[a, :r].t()) @ lora_B[a, :, :r].t())
+    return y

@@ -79,6 +79,25 @@ def _row_chunks(weight, dtype: torch.dtype, gemm_dtype: torch.dtype):
         yield start, chunk if gemm_dtype == dtype else chunk.to(gemm_dtype)
 
 
+def _add_base(out: torch.Tensor, lhs: torch.Tensor, weight, grad: bool = False) -> None:
+    """In place: out (M, N) += lhs (M, K)·Wᵀ (forward), or with ``grad`` out (M, K) += lhs (M, N)·W (dX), for
+    a dense W or a quantised one, dequantised a chunk of rows at a time with the GEMMs in ``_gemm_dtype``."""
+    if isinstance(weight, torch.Tensor):
+        out.addmm_(lhs, weight if grad else weight.t())
+        return
+    gemm_dtype = _gemm_dtype(out.device, out.dtype)
+    acc = out if gemm_dtype == out.dtype else out.to(gemm_dtype)
+    lhs = lhs.to(gemm_dtype)
+    for start, w in _row_chunks(weight, out.dtype, gemm_dtype):
+        stop = start + w.shape[0]
+        if grad:  # + G[:, rows]·W[rows]
+            acc.addmm_(lhs[:, start:stop], w)
+        else:  # + x·W[rows]ᵀ into columns [rows]
+            acc[:, start:stop].addmm_(lhs, w.t())
+    if acc is not out:
+        out.copy_(acc)
+
+
 class TorchBackend:
     name = "torch"
 
@@ -188,23 +207,11 @@ class TorchBackend:
         # on the GEMM's alpha: no separate pass, no extra op's host time.
         y = torch.empty((*lead, out_features), dtype=dtype, device=x.device)
         y2 = y if y.dim() == 2 else y.view(-1, out_features)
-        quantised = not isinstance(weight, torch.Tensor)
-        gemm_dtype = _gemm_dtype(x.device, dtype) if quantised else dtype
-        # acc: where the GEMMs accumulate, y2 itself unless they run in a wider dtype than y's.
-        acc = y2 if gemm_dtype == dtype else torch.empty(y2.shape, dtype=gemm_dtype, device=x.device)
-        s_acc, b_acc = shrink.to(gemm_dtype), b.to(gemm_dtype)  # no-ops unless widened
         if bias is None:
-            acc.addmm_(s_acc, b_acc.t(), beta=0, alpha=scaling)  # beta=0: acc's uninitialised values are ignored
+            y2.addmm_(shrink, b.t(), beta=0, alpha=scaling)  # beta=0: y2's uninitialised values are ignored
         else:
-            torch.addmm(bias.to(gemm_dtype), s_acc, b_acc.t(), alpha=scaling, out=acc)
-        if not quantised:
-            acc.addmm_(x2, weight.t())
-        else:
-            x_acc = x2.to(gemm_dtype)
-            for start, w in _row_chunks(weight, dtype, gemm_dtype):  # + x·W[rows]ᵀ, a chunk of rows at a time
-                acc[:, start : start + w.shape[0]].addmm_(x_acc, w.t())
-            if acc is not y2:
-                y2.copy_(acc)
+            torch.addmm(bias, shrink, b.t(), alpha=scaling, out=y2)
+        _add_base(y2, x2, weight)
         return y, (shrink if x.dim() == 2 else shrink.view(*lead, rank))
 
     def backward(
@@ -246,19 +253,10 @@ class TorchBackend:
 
         grad_x = None
         if need_x:
-            quantised = not isinstance(weight, torch.Tensor)
-            gemm_dtype = _gemm_dtype(x.device, dtype) if quantised else dtype
-            # (M, K), accumulated in gemm_dtype (see forward).
-            grad_x = torch.mm(d_shrink.to(gemm_dtype), a.to(gemm_dtype))
+            grad_x = torch.mm(d_shrink, a)  # (M, K)
             if keep is not None:
                 grad_x.mul_(keep)
-            if not quantised:
-                grad_x.addmm_(g, weight)  # + G·W, accumulated in the GEMM
-            else:
-                g_acc = g.to(gemm_dtype)
-                for start, w in _row_chunks(weight, dtype, gemm_dtype):  # + G[:, rows]·W[rows]
-                    grad_x.addmm_(g_acc[:, start : start + w.shape[0]], w)
-                grad_x = grad_x.to(dtype)
+            _add_base(grad_x, g, weight, grad=True)
             grad_x = grad_x if flat else grad_x.view(x.shape)
 
         grad_a = None
@@ -267,6 +265,129 @@ class TorchBackend:
             grad_a = torch.mm(d_shrink.t(), x_hat)
             grad_a = grad_a if grad_a.dtype == lora_A.dtype else grad_a.to(lora_A.dtype)
 
+        grad_w = torch.mm(g.t(), x2) if need_w else None
+        grad_bias = g.sum(0) if need_bias else None
+        return grad_x, grad_a, grad_b, grad_w, grad_bias
+
+
+    # --- mixed-adapter batches (fastlora.lora_linear_multi) ----------------------------------------------
+
+    def _group_keeps(self, seed, grouping, dropout_ps, in_features, device, dtype):
+        """Per adapter with rows and p > 0, its rows' keep-mask (rows_a, K) as 0/1 in ``dtype``, in sorted row
+        order. One generator seeded once per call draws the groups in adapter order, so forward and backward
+        draw the same masks."""
+        if seed is None or not any(dropout_ps[a] > 0.0 for a in grouping.used):
+            return {}
+        gen = self._generator(device)
+        gen.manual_seed(int(seed.item()))
+        keeps = {}
+        for a in grouping.used:
+            if dropout_ps[a] > 0.0:
+                lo, hi = grouping.rows_of(a)
+                bits = torch.empty((hi - lo, in_features), dtype=torch.int32, device=device).random_(generator=gen)
+                keeps[a] = torch.ge(bits, round(dropout_ps[a] * (1 << _MASK_BITS))).to(dtype)
+        return keeps
+
+    def multi_keep_mask(self, seed, grouping, dropout_ps, in_features, device) -> torch.Tensor:
+        """The boolean keep-mask (M, K) ``forward_multi`` used, rows in x's order (base-only rows all kept)."""
+        m = grouping.num_rows
+        mask = torch.ones((m, in_features), dtype=torch.bool, device=device)
+        sorted_mask = mask if grouping.order is None else mask.clone()
+        for a, keep in self._group_keeps(seed, grouping, dropout_ps, in_features, device, torch.bool).items():
+            lo, hi = grouping.rows_of(a)
+            sorted_mask[lo:hi] = keep
+        if grouping.order is not None:
+            mask.index_copy_(0, grouping.order, sorted_mask)
+        return mask
+
+    def forward_multi(self, x, weight, bias, lora_A, lora_B, scalings, dropout_ps, ranks, grouping, seed):
+        """y = x·Wᵀ + b + s_a·(x̂·A_aᵀ)·B_aᵀ with a = each row's adapter (none for base-only rows).
+
+        Shapes: x (..., K), weight (N, K) or an NF4Weight, bias (N,), lora_A (n, r_max, K), lora_B
+        (n, N, r_max); scalings, dropout_ps, ranks: n host numbers. Only lanes [:ranks[a]] of adapter a are
+        read. Returns y (..., N) and S (M, r_max) in x's dtype, rows in the grouping's sorted order, lanes
+        past an adapter's rank zero.
+
+        The base GEMM runs once over all rows; the LoRA terms run per group of rows (rows gathered into
+        adapter order once when they are not already in it), seeding y before the GEMM accumulates onto it.
+        """
+        in_features, out_features, r_max = x.shape[-1], lora_B.shape[1], lora_A.shape[1]
+        x2 = x.reshape(-1, in_features)
+        dtype = x.dtype
+        a_all, b_all = lora_A.to(dtype), lora_B.to(dtype)  # n·r·(K + N) elements: small next to x
+        order = grouping.order
+        xs = x2 if order is None else x2.index_select(0, order)
+        y = torch.empty((*x.shape[:-1], out_features), dtype=dtype, device=x.device)
+        y2 = y.view(-1, out_features)
+        ys = y2 if order is None else torch.empty_like(y2)
+        shrink = torch.zeros((x2.shape[0], r_max), dtype=dtype, device=x.device)
+        lo, hi = grouping.rows_of(-1)
+        if hi > lo:  # base-only rows start from the bias alone
+            ys[lo:hi] = 0.0 if bias is None else bias
+        keeps = self._group_keeps(seed, grouping, dropout_ps, in_features, x.device, dtype)
+        for a in grouping.used:
+            lo, hi = grouping.rows_of(a)
+            r, rows = ranks[a], xs[lo:hi]
+            if a in keeps:
+                rows = keeps[a].mul_(rows)  # the mask's last use here: overwrite it with x ⊙ m
+            s_a = torch.mm(rows, a_all[a, :r].t())
+            if a in keeps:
+                s_a.mul_(1.0 / (1.0 - dropout_ps[a]))
+            shrink[lo:hi, :r] = s_a
+            if bias is None:
+                ys[lo:hi].addmm_(s_a, b_all[a, :, :r].t(), beta=0, alpha=scalings[a])
+            else:
+                torch.addmm(bias, s_a, b_all[a, :, :r].t(), alpha=scalings[a], out=ys[lo:hi])
+        if order is not None:
+            y2.index_copy_(0, order, ys)
+        _add_base(y2, x2, weight)
+        return y, shrink
+
+    def backward_multi(self, grad_y, x, weight, lora_A, lora_B, shrink, scalings, dropout_ps, ranks, grouping,
+                       seed, needs):  # fmt: skip
+        """Gradients (dx, dA, dB, dW, db) of ``forward_multi``; None where ``needs`` says not wanted. dA and dB
+        are (n, r_max, K) and (n, N, r_max) in the adapters' dtype: zero for adapters without rows and for
+        lanes past an adapter's rank."""
+        need_x, need_a, need_b, need_w, need_bias = needs
+        in_features, out_features = x.shape[-1], lora_B.shape[1]
+        x2, g = x.reshape(-1, in_features), grad_y.reshape(-1, out_features)
+        dtype = x.dtype
+        a_all, b_all = lora_A.to(dtype), lora_B.to(dtype)
+        order = grouping.order
+        gs = g if order is None else g.index_select(0, order)
+        xs = None
+        if need_a:
+            xs = x2 if order is None else x2.index_select(0, order)
+        grad_a = torch.zeros_like(lora_A) if need_a else None
+        grad_b = torch.zeros_like(lora_B) if need_b else None
+        dxs = None
+        if need_x:
+            dxs = torch.zeros_like(x2)  # base-only rows get G·W alone
+        keeps = self._group_keeps(seed, grouping, dropout_ps, in_features, x.device, dtype)
+        for a in grouping.used:
+            lo, hi = grouping.rows_of(a)
+            r, g_a = ranks[a], gs[lo:hi]
+            factor = scalings[a] / (1.0 - dropout_ps[a]) if a in keeps else scalings[a]
+            d_s = torch.mm(g_a, b_all[a, :, :r]).mul_(factor)  # dS = s·G·B (rows_a, r), 1/(1-p) folded in
+            if need_b:
+                grad_b[a, :, :r] = torch.mm(g_a.t(), shrink[lo:hi, :r]).mul_(scalings[a])
+            if need_x:
+                dx_a = torch.mm(d_s, a_all[a, :r], out=dxs[lo:hi]) if order is None else torch.mm(d_s, a_all[a, :r])
+                if a in keeps:
+                    dx_a.mul_(keeps[a])
+                if order is not None:
+                    dxs[lo:hi] = dx_a
+            if need_a:
+                rows = xs[lo:hi] if a not in keeps else keeps[a].mul_(xs[lo:hi])
+                grad_a[a, :r] = torch.mm(d_s.t(), rows)
+        grad_x = None
+        if need_x:
+            if order is None:
+                grad_x = dxs
+            else:
+                grad_x = torch.empty_like(x2).index_copy_(0, order, dxs)
+            _add_base(grad_x, g, weight, grad=True)
+            grad_x = grad_x.view(x.shape)
         grad_w = torch.mm(g.t(), x2) if need_w else None
         grad_bias = g.sum(0) if need_bias else None
         return grad_x, grad_a, grad_b, grad_w, grad_bias

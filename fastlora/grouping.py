@@ -1,0 +1,100 @@
+"""Rows of a mixed-adapter batch grouped by adapter: computed once per batch, reused by every layer.
+
+A mixed batch gives each row (token or sequence) an adapter index, −1 meaning "base only". The fused op
+works on rows grouped by adapter, so the grouping (a stable sort and the group sizes) is computed once
+from the indices and handed to every LoRA layer of the model that sees rows of the same shape. Building it
+reads the group sizes on the host (one device sync per batch, not per layer).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import numbers
+
+import torch
+
+__all__ = ["RowGrouping", "group_rows"]
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class RowGrouping:
+    """Rows grouped by adapter. Build it with ``group_rows``.
+
+    Attributes:
+        rows_shape: the leading dimensions of x it was built for (x is (*rows_shape, K)); M = their product.
+        index: (M,) int64 adapter index of each row, on x's device; −1 = base only.
+        order: (M,) int64 permutation listing the rows base-only first, then adapter 0's, 1's, ... (stable),
+            or None when the rows are already in that order (then nothing is gathered or scattered).
+        offsets: n + 2 host ints; sorted rows [offsets[0], offsets[1]) are base-only, those of adapter a are
+            [offsets[a + 1], offsets[a + 2]).
+        num_adapters: n.
+    """
+
+    rows_shape: tuple[int, ...]
+    index: torch.Tensor
+    order: torch.Tensor | None
+    offsets: tuple[int, ...]
+    num_adapters: int
+
+    @property
+    def num_rows(self) -> int:
+        return self.offsets[-1]
+
+    def rows_of(self, adapter: int) -> tuple[int, int]:
+        """[start, stop) of adapter ``adapter``'s rows in sorted order (−1: the base-only rows)."""
+        return self.offsets[adapter + 1], self.offsets[adapter + 2]
+
+    @property
+    def used(self) -> tuple[int, ...]:
+        """The adapters that have at least one row, ascending."""
+        return tuple(a for a in range(self.num_adapters) if self.offsets[a + 1] < self.offsets[a + 2])
+
+
+def _expand(index: torch.Tensor, rows_shape: tuple[int, ...]) -> torch.Tensor:
+    """index broadcast to rows_shape: a prefix of rows_shape (one index per sample of (B, T, K) x) gains
+    trailing dimensions; otherwise PyTorch's broadcasting rules apply."""
+    shape = tuple(index.shape)
+    if len(shape) < len(rows_shape) and shape == rows_shape[: len(shape)]:
+        index = index.reshape(shape + (1,) * (len(rows_shape) - len(shape)))
+    try:
+        return index.expand(rows_shape)
+    except RuntimeError:
+        raise ValueError(f"adapter_index: expected a shape that is a prefix of x's leading dimensions "
+                         f"{rows_shape} or broadcasts to them, got {shape}") from None  # fmt: skip
+
+
+def group_rows(adapter_index: torch.Tensor, num_adapters: int, rows_shape: tuple[int, ...] | torch.Size) -> RowGrouping:
+    """Group the rows of x (shape (*rows_shape, K)) by adapter.
+
+    Args:
+        adapter_index: integer tensor of adapter indices in [−1, num_adapters), −1 = base only; shape a
+            prefix of ``rows_shape`` (e.g. (B,) for x of shape (B, T, K): one adapter per sequence) or
+            broadcastable to it.
+        num_adapters: n, the number of stacked adapters (>= 1).
+        rows_shape: x's leading dimensions.
+
+    Returns:
+        A ``RowGrouping`` for x's device (the index's).
+    """
+    if isinstance(num_adapters, bool) or not isinstance(num_adapters, numbers.Integral) or num_adapters < 1:
+        raise ValueError(f"num_adapters: expected an integer >= 1, got {num_adapters!r}")
+    num_adapters = int(num_adapters)
+    rows_shape = tuple(int(d) for d in rows_shape)
+    if not isinstance(adapter_index, torch.Tensor):
+        raise TypeError(f"adapter_index: expected an integer torch.Tensor, got {type(adapter_index).__name__}")
+    if adapter_index.dtype.is_floating_point or adapter_index.dtype.is_complex or adapter_index.dtype == torch.bool:
+        raise TypeError(f"adapter_index: expected an integer dtype, got {adapter_index.dtype}")
+    index = _expand(adapter_index, rows_shape).reshape(-1).to(torch.int64)
+    if index.numel():
+        low, high = int(index.min()), int(index.max())
+        if low < -1 or high >= num_adapters:
+            bad = index[(index < -1) | (index >= num_adapters)].unique()[:8].tolist()
+            raise ValueError(f"adapter_index: expected values in [-1, {num_adapters}) (-1 = base only, "
+                             f"{num_adapters} adapters), got {bad}")  # fmt: skip
+    counts = torch.bincount(index + 1, minlength=num_adapters + 1).tolist()
+    offsets = [0]
+    for count in counts:
+        offsets.append(offsets[-1] + count)
+    already_sorted = index.numel() < 2 or bool((index[1:] >= index[:-1]).all())
+    order = None if already_sorted else torch.sort(index, stable=True).indices
+    return RowGrouping(rows_shape, index, order, tuple(offsets), num_adapters)

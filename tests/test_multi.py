@@ -1,0 +1,207 @@
+"""Mixed-adapter batches (fastlora.lora_linear_multi): output and every gradient against a float64 loop over
+adapters (fastlora.reference.lora_linear_multi), within 2x PyTorch's own same-dtype error plus a floor."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fastlora
+from fastlora import nf4, reference
+from fastlora.backends import draw_seed, get_backend
+from fastlora.testing import FLOOR, layout, rel_err
+
+GRAD_SEED, GEN_SEED = 1, 7
+
+
+def _case(lead, k, n_out, n, r_max, index, *, ranks=None, ps=None, bias=True, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    rand = lambda *shape: torch.randn(*shape, generator=g, dtype=torch.float64)  # noqa: E731
+    ranks = ranks or [r_max] * n
+    a = rand(n, r_max, k) / k**0.5
+    b = rand(n, n_out, r_max) / r_max**0.5
+    for i, r in enumerate(ranks):  # lanes past an adapter's rank are zero, as a stack of ranks holds them
+        a[i, r:] = 0
+        b[i, :, r:] = 0
+    return dict(x=rand(*lead, k), weight=rand(n_out, k) / k**0.5, bias=rand(n_out) if bias else None, lora_A=a,
+                lora_B=b, scalings=[0.5 + 0.25 * i for i in range(n)], index=index, ranks=ranks,
+                ps=ps or [0.0] * n)  # fmt: skip
+
+
+def check_multi(case, dtype, adapter_dtype=None, *, layout_kind="contiguous", nf4_blocksize=None, grouping=None):
+    adapter_dtype = adapter_dtype or dtype
+    x64 = case["x"]
+    lead, k = x64.shape[:-1], x64.shape[-1]
+    n = case["lora_A"].shape[0]
+    grouping = grouping or fastlora.group_rows(case["index"], n, lead)
+    rows = grouping.index
+    mask = None
+    if any(p > 0 for p in case["ps"]):
+        seed = draw_seed(torch.device("cpu"), torch.Generator().manual_seed(GEN_SEED))
+        mask = get_backend("torch").multi_keep_mask(seed, grouping, case["ps"], k, torch.device("cpu"))
+    grad_out = torch.randn(*lead, case["weight"].shape[0], generator=torch.Generator().manual_seed(GRAD_SEED),
+                           dtype=torch.float64)  # fmt: skip
+    weight = case["weight"]
+    if nf4_blocksize is not None:
+        q = nf4.quantize(weight.float(), nf4_blocksize)
+        weight = nf4.dequantize(q, torch.float32).double()
+
+    def leaves(dt, a_dt, ours=False):
+        t = {name: case[name].to(dt if name == "x" else a_dt, copy=True).requires_grad_()
+             for name in ("x", "lora_A", "lora_B")}  # fmt: skip
+        t["weight"] = q if (ours and nf4_blocksize is not None) else weight.to(dt)
+        t["bias"] = None if case["bias"] is None else case["bias"].to(dt)
+        return t
+
+    def reference_run(t):
+        y = reference.lora_linear_multi(t["x"].reshape(-1, k), t["weight"], t["bias"], t["lora_A"], t["lora_B"],
+                                        case["scalings"], rows, case["ranks"], mask, case["ps"])  # fmt: skip
+        return y.view(*lead, -1)
+
+    def ours_run(t):
+        return fastlora.lora_linear_multi(layout(t["x"], layout_kind), t["weight"], t["bias"], t["lora_A"],
+                                          t["lora_B"], case["scalings"], grouping, case["ps"], ranks=case["ranks"],
+                                          generator=torch.Generator().manual_seed(GEN_SEED))  # fmt: skip
+
+    results = []
+    for fn, t in ((reference_run, leaves(torch.float64, torch.float64)), (reference_run, leaves(dtype, dtype)),
+                  (ours_run, leaves(dtype, adapter_dtype, ours=True))):  # fmt: skip
+        y = fn(t)
+        (y * grad_out.to(y.dtype)).sum().backward()
+        # (the reference never touches an adapter without rows: no gradient there means zero)
+        grads = {"d" + name: t[name].grad if t[name].grad is not None else torch.zeros_like(t[name])
+                 for name in ("x", "lora_A", "lora_B")}  # fmt: skip
+        results.append({"y": y.detach(), **grads})
+    truth, pytorch, got = results
+    assert got["y"].dtype == dtype and got["y"].shape == truth["y"].shape
+    for key, want in truth.items():
+        e_ours, e_torch = rel_err(got[key], want), rel_err(pytorch[key], want)
+        assert e_ours <= 2 * e_torch + FLOOR[dtype], f"{key}: error {e_ours:.3e} > 2 x PyTorch's {e_torch:.3e} + floor"
+    return got
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+def test_rows_in_any_order_against_float64(dtype):
+    # K = 37, N = 29: odd; 41 rows over 4 adapters and the base, in random order.
+    index = torch.randint(-1, 4, (41,), generator=torch.Generator().manual_seed(3))
+    check_multi(_case((41,), 37, 29, 4, 6, index), dtype, torch.float32)
+
+
+def test_ranks_differ_and_unused_lanes_get_no_gradient():
+    index = torch.tensor([2, 0, 1, 1, -1, 2, 0, 2, 1])
+    got = check_multi(_case((9,), 24, 19, 3, 8, index, ranks=[1, 8, 3]), torch.float32)
+    assert torch.all(got["dlora_A"][0, 1:] == 0) and torch.all(got["dlora_B"][2, :, 3:] == 0)
+
+
+def test_rank_one_to_large():
+    index = torch.arange(20) % 3
+    check_multi(_case((20,), 40, 33, 3, 64, index, ranks=[1, 64, 17]), torch.float32)
+
+
+def test_already_sorted_rows_are_not_gathered():
+    index = torch.tensor([-1, -1, 0, 0, 0, 1, 3, 3])
+    grouping = fastlora.group_rows(index, 4, (8,))
+    assert grouping.order is None and grouping.offsets == (0, 2, 5, 6, 6, 8) and grouping.used == (0, 1, 3)
+    check_multi(_case((8,), 16, 12, 4, 4, index), torch.float32, grouping=grouping)
+
+
+def test_one_adapter_matches_the_single_op():
+    case = _case((6, 5), 32, 24, 1, 4, torch.zeros(6, dtype=torch.long))
+    x = case["x"].float()
+    args = (x, case["weight"].float(), case["bias"].float())
+    multi = fastlora.lora_linear_multi(*args, case["lora_A"].float(), case["lora_B"].float(), 0.5, torch.zeros(6, dtype=torch.long))
+    single = fastlora.lora_linear(*args, case["lora_A"][0].float(), case["lora_B"][0].float(), 0.5)
+    torch.testing.assert_close(multi, single, rtol=1e-5, atol=1e-5)
+
+
+def test_all_rows_base_only():
+    got = check_multi(_case((7,), 16, 10, 2, 3, torch.full((7,), -1)), torch.float32)
+    assert torch.all(got["dlora_A"] == 0) and torch.all(got["dlora_B"] == 0)
+
+
+def test_empty_batch():
+    x = torch.randn(0, 16, requires_grad=True)
+    a, b = torch.randn(2, 3, 16, requires_grad=True), torch.randn(2, 10, 3, requires_grad=True)
+    y = fastlora.lora_linear_multi(x, torch.randn(10, 16), None, a, b, 1.0, torch.zeros(0, dtype=torch.long))
+    assert y.shape == (0, 10)
+    y.sum().backward()
+    assert x.grad.shape == (0, 16) and torch.all(a.grad == 0) and torch.all(b.grad == 0)
+
+
+def test_dropout_per_adapter():
+    index = torch.randint(-1, 3, (30,), generator=torch.Generator().manual_seed(4))
+    check_multi(_case((30,), 48, 20, 3, 4, index, ps=[0.0, 0.3, 0.6]), torch.float32)
+
+
+def test_dropout_masks_follow_each_adapters_probability():
+    index = torch.tensor([0] * 200 + [1] * 200 + [-1] * 50)
+    grouping = fastlora.group_rows(index, 2, (450,))
+    seed = draw_seed(torch.device("cpu"), torch.Generator().manual_seed(0))
+    mask = get_backend("torch").multi_keep_mask(seed, grouping, (0.1, 0.5), 256, torch.device("cpu"))
+    kept = [mask[:200].float().mean().item(), mask[200:400].float().mean().item(), mask[400:].float().mean().item()]
+    assert abs(kept[0] - 0.9) < 0.01 and abs(kept[1] - 0.5) < 0.01 and kept[2] == 1.0
+
+
+@pytest.mark.parametrize("layout_kind", ["strided", "transposed"])
+def test_per_sequence_index_on_3d_strided_x(layout_kind):
+    index = torch.tensor([1, -1, 0, 1, 2])  # one adapter per sequence of (5, 7, K)
+    check_multi(_case((5, 7), 24, 18, 3, 4, index, ps=[0.2, 0.0, 0.1]), torch.float32, layout_kind=layout_kind)
+
+
+def test_nf4_base():
+    index = torch.randint(-1, 3, (12,), generator=torch.Generator().manual_seed(5))
+    check_multi(_case((12,), 128, 40, 3, 4, index), torch.float32, nf4_blocksize=64)
+
+
+def test_a_grouping_is_reused_across_layers():
+    index = torch.tensor([1, 0, 1, -1])
+    grouping = fastlora.group_rows(index, 2, (4,))
+    for seed in range(3):  # three layers of other shapes, one grouping
+        check_multi(_case((4,), 16 + seed, 8 + seed, 2, 2, index, seed=seed), torch.float32, grouping=grouping)
+
+
+def test_bad_indices_and_arguments_name_the_argument():
+    x, w = torch.randn(4, 8), torch.randn(6, 8)
+    a, b = torch.randn(2, 3, 8), torch.randn(2, 6, 3)
+    ok = torch.tensor([0, 1, -1, 0])
+
+    def call(**kw):
+        args = dict(x=x, weight=w, bias=None, lora_A=a, lora_B=b, scaling=1.0, adapter_index=ok)
+        return fastlora.lora_linear_multi(**{**args, **kw})
+
+    with pytest.raises(ValueError, match=r"adapter_index: expected values in \[-1, 2\).*\[2\]"):
+        call(adapter_index=torch.tensor([0, 2, 1, 0]))
+    with pytest.raises(ValueError, match=r"adapter_index: expected values.*\[-2\]"):
+        call(adapter_index=torch.tensor([0, -2, 1, 0]))
+    with pytest.raises(ValueError, match=r"adapter_index: expected a shape that is a prefix of x's leading"):
+        call(adapter_index=torch.tensor([0, 1, 1]))
+    with pytest.raises(TypeError, match="adapter_index: expected an integer dtype, got torch.float32"):
+        call(adapter_index=torch.zeros(4))
+    with pytest.raises(ValueError, match="adapter_index: expected device meta"):
+        call(x=x.to("meta"), weight=w.to("meta"), lora_A=a.to("meta"), lora_B=b.to("meta"))
+    with pytest.raises(ValueError, match="adapter_index: a RowGrouping for 2 adapters and rows \\(5,\\)"):
+        call(adapter_index=fastlora.group_rows(torch.zeros(5, dtype=torch.long), 2, (5,)))
+    with pytest.raises(ValueError, match="lora_A: expected 3-D"):
+        call(lora_A=a[0])
+    with pytest.raises(ValueError, match=r"lora_B: expected 3-D \(n=2, out_features, r_max=3\)"):
+        call(lora_B=torch.randn(2, 6, 4))
+    with pytest.raises(ValueError, match=r"scaling: expected one scaling per adapter \(2\), got 3"):
+        call(scaling=[1.0, 2.0, 3.0])
+    with pytest.raises(ValueError, match=r"dropout_p: expected probabilities in \[0, 1\), got 1.0"):
+        call(dropout_p=[0.0, 1.0])
+    with pytest.raises(ValueError, match=r"ranks: expected integers in \[1, r_max=3\], got 4"):
+        call(ranks=[1, 4])
+    with pytest.raises(ValueError, match="weight: expected 2-D|x: expected last dimension"):
+        call(weight=torch.randn(6, 9))
+
+
+def test_a_backend_without_mixed_batches_asked_by_name_raises():
+    from conftest import cpu_backends
+
+    if "triton" not in cpu_backends():
+        pytest.skip("the triton backend runs on the CPU only under TRITON_INTERPRET=1")
+    x, w, a, b = torch.randn(4, 8), torch.randn(6, 8), torch.randn(2, 3, 8), torch.randn(2, 6, 3)
+    with fastlora.use_backend("triton"), pytest.raises(RuntimeError, match="'triton' .*no mixed-adapter"):
+        fastlora.lora_linear_multi(x, w, None, a, b, 1.0, torch.tensor([0, 1, -1, 0]))
+    with fastlora.use_backend("auto"):  # auto takes the torch backend quietly
+        fastlora.lora_linear_multi(x, w, None, a, b, 1.0, torch.tensor([0, 1, -1, 0]))
