@@ -3,7 +3,7 @@
 A mixed batch gives each row (token or sequence) an adapter index, −1 meaning "base only". The fused op
 works on rows grouped by adapter, so the grouping (a stable sort and the group sizes) is computed once
 from the indices and handed to every LoRA layer of the model that sees rows of the same shape. Building it
-reads the group sizes on the host (one device sync per batch, not per layer).
+reads the runs (or group sizes) on the host: one device sync per batch, not per layer.
 """
 
 from __future__ import annotations
@@ -16,6 +16,15 @@ import torch
 __all__ = ["RowGrouping", "group_rows"]
 
 
+# Rows already in runs of one adapter (a batch of sequences, one adapter each) are worked on in place, run
+# by run, when there are at most this many runs per distinct adapter (plus this many): each segment costs
+# a few small GEMM calls (about 30 µs of host time on the CPU), a gather of x (and a scatter of y) passes
+# over (M, K) and (M, N). Measured at K = N = 1024, r = 16, fp32: 32 one-row requests over 16 adapters
+# cost 3.1x the base layer run by run and 2.3x gathered; 8 sequences of 64 rows, 1.2x in place.
+_RUNS_PER_ADAPTER = 1
+_RUNS_ANYWAY = 4
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class RowGrouping:
     """Rows grouped by adapter. Build it with ``group_rows``.
@@ -23,31 +32,28 @@ class RowGrouping:
     Attributes:
         rows_shape: the leading dimensions of x it was built for (x is (*rows_shape, K)); M = their product.
         index: (M,) int64 adapter index of each row, on x's device; −1 = base only.
-        order: (M,) int64 permutation listing the rows base-only first, then adapter 0's, 1's, ... (stable),
-            or None when the rows are already in that order (then nothing is gathered or scattered).
-        offsets: n + 2 host ints; sorted rows [offsets[0], offsets[1]) are base-only, those of adapter a are
-            [offsets[a + 1], offsets[a + 2]).
+        order: None when the op works on the rows where they are (they come in few runs of one adapter
+            each); else an (M,) int64 permutation that gathers them base-only first, then adapter 0's, 1's,
+            ... (stable), and the op works on the gathered rows.
+        segments: (start, stop, adapter) host triples covering [0, M) in that working order: each a run of
+            rows of one adapter (−1 = base only).
         num_adapters: n.
     """
 
     rows_shape: tuple[int, ...]
     index: torch.Tensor
     order: torch.Tensor | None
-    offsets: tuple[int, ...]
+    segments: tuple[tuple[int, int, int], ...]
     num_adapters: int
 
     @property
     def num_rows(self) -> int:
-        return self.offsets[-1]
-
-    def rows_of(self, adapter: int) -> tuple[int, int]:
-        """[start, stop) of adapter ``adapter``'s rows in sorted order (−1: the base-only rows)."""
-        return self.offsets[adapter + 1], self.offsets[adapter + 2]
+        return self.index.numel()
 
     @property
     def used(self) -> tuple[int, ...]:
         """The adapters that have at least one row, ascending."""
-        return tuple(a for a in range(self.num_adapters) if self.offsets[a + 1] < self.offsets[a + 2])
+        return tuple(sorted({a for _, _, a in self.segments if a >= 0}))
 
 
 def _expand(index: torch.Tensor, rows_shape: tuple[int, ...]) -> torch.Tensor:
@@ -91,10 +97,22 @@ def group_rows(adapter_index: torch.Tensor, num_adapters: int, rows_shape: tuple
             bad = index[(index < -1) | (index >= num_adapters)].unique()[:8].tolist()
             raise ValueError(f"adapter_index: expected values in [-1, {num_adapters}) (-1 = base only, "
                              f"{num_adapters} adapters), got {bad}")  # fmt: skip
+    m = index.numel()
+    if m == 0:
+        return RowGrouping(rows_shape, index, None, (), num_adapters)
+    # Runs of equal indices in row order: their starts and adapters (one host read for the whole batch).
+    starts = torch.cat((index.new_zeros(1), (index[1:] != index[:-1]).nonzero().flatten() + 1))
+    run_starts, run_adapters = starts.tolist(), index[starts].tolist()
+    distinct = len(set(run_adapters))
+    if len(run_starts) <= _RUNS_PER_ADAPTER * distinct + _RUNS_ANYWAY:
+        bounds = [*run_starts, m]
+        segments = tuple((bounds[i], bounds[i + 1], run_adapters[i]) for i in range(len(run_starts)))
+        return RowGrouping(rows_shape, index, None, segments, num_adapters)
     counts = torch.bincount(index + 1, minlength=num_adapters + 1).tolist()
-    offsets = [0]
-    for count in counts:
-        offsets.append(offsets[-1] + count)
-    already_sorted = index.numel() < 2 or bool((index[1:] >= index[:-1]).all())
-    order = None if already_sorted else torch.sort(index, stable=True).indices
-    return RowGrouping(rows_shape, index, order, tuple(offsets), num_adapters)
+    segments, start = [], 0
+    for adapter, count in enumerate(counts, start=-1):
+        if count:
+            segments.append((start, start + count, adapter))
+            start += count
+    order = torch.sort(index, stable=True).indices
+    return RowGrouping(rows_shape, index, order, tuple(segments), num_adapters)

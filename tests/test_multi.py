@@ -98,11 +98,20 @@ def test_rank_one_to_large():
     check_multi(_case((20,), 40, 33, 3, 64, index, ranks=[1, 64, 17]), torch.float32)
 
 
-def test_already_sorted_rows_are_not_gathered():
-    index = torch.tensor([-1, -1, 0, 0, 0, 1, 3, 3])
-    grouping = fastlora.group_rows(index, 4, (8,))
-    assert grouping.order is None and grouping.offsets == (0, 2, 5, 6, 6, 8) and grouping.used == (0, 1, 3)
-    check_multi(_case((8,), 16, 12, 4, 4, index), torch.float32, grouping=grouping)
+def test_runs_of_rows_are_worked_on_in_place():
+    index = torch.tensor([-1, -1, 0, 0, 0, 1, 3, 3, 0])
+    grouping = fastlora.group_rows(index, 4, (9,))
+    assert grouping.order is None and grouping.used == (0, 1, 3)
+    assert grouping.segments == ((0, 2, -1), (2, 5, 0), (5, 6, 1), (6, 8, 3), (8, 9, 0))
+    check_multi(_case((9,), 16, 12, 4, 4, index, ps=[0.3, 0.0, 0.0, 0.2]), torch.float32, grouping=grouping)
+
+
+def test_scattered_rows_are_gathered_by_adapter():
+    index = torch.tensor([0, 1, 2, -1] * 12)  # 48 runs of one row: gathered into 4 groups
+    grouping = fastlora.group_rows(index, 3, (48,))
+    assert grouping.order is not None
+    assert grouping.segments == ((0, 12, -1), (12, 24, 0), (24, 36, 1), (36, 48, 2))
+    check_multi(_case((48,), 16, 12, 3, 4, index, ps=[0.3, 0.0, 0.2]), torch.float32, grouping=grouping)
 
 
 def test_one_adapter_matches_the_single_op():

@@ -272,44 +272,34 @@ class TorchBackend:
 
     # --- mixed-adapter batches (fastlora.lora_linear_multi) ----------------------------------------------
 
-    def _group_keeps(self, seed, grouping, dropout_ps, in_features, device, dtype):
-        """Per adapter with rows and p > 0, its rows' keep-mask (rows_a, K) as 0/1 in ``dtype``, in sorted row
-        order. One generator seeded once per call draws the groups in adapter order, so forward and backward
-        draw the same masks."""
+    def _row_keep(self, seed, grouping, dropout_ps, in_features, device, dtype):
+        """The keep-mask (M, K) as 0/1 in ``dtype``, rows in x's order, each row drawn with its adapter's p
+        (base-only rows and p = 0 keep everything); None when nothing drops. A pure function of (seed, the
+        rows' adapters, the p's), so forward and backward, on either path, draw the same mask."""
         if seed is None or not any(dropout_ps[a] > 0.0 for a in grouping.used):
-            return {}
+            return None
         gen = self._generator(device)
         gen.manual_seed(int(seed.item()))
-        keeps = {}
-        for a in grouping.used:
-            if dropout_ps[a] > 0.0:
-                lo, hi = grouping.rows_of(a)
-                bits = torch.empty((hi - lo, in_features), dtype=torch.int32, device=device).random_(generator=gen)
-                keeps[a] = torch.ge(bits, round(dropout_ps[a] * (1 << _MASK_BITS))).to(dtype)
-        return keeps
+        thresholds = [round(p * (1 << _MASK_BITS)) for p in dropout_ps]
+        row_threshold = torch.tensor([*thresholds, 0], dtype=torch.int32, device=device)[grouping.index]  # −1 → 0
+        bits = torch.empty((grouping.num_rows, in_features), dtype=torch.int32, device=device).random_(generator=gen)
+        return torch.ge(bits, row_threshold[:, None]).to(dtype)
 
     def multi_keep_mask(self, seed, grouping, dropout_ps, in_features, device) -> torch.Tensor:
         """The boolean keep-mask (M, K) ``forward_multi`` used, rows in x's order (base-only rows all kept)."""
-        m = grouping.num_rows
-        mask = torch.ones((m, in_features), dtype=torch.bool, device=device)
-        sorted_mask = mask if grouping.order is None else mask.clone()
-        for a, keep in self._group_keeps(seed, grouping, dropout_ps, in_features, device, torch.bool).items():
-            lo, hi = grouping.rows_of(a)
-            sorted_mask[lo:hi] = keep
-        if grouping.order is not None:
-            mask.index_copy_(0, grouping.order, sorted_mask)
-        return mask
+        keep = self._row_keep(seed, grouping, dropout_ps, in_features, device, torch.bool)
+        return torch.ones((grouping.num_rows, in_features), dtype=torch.bool, device=device) if keep is None else keep
 
     def forward_multi(self, x, weight, bias, lora_A, lora_B, scalings, dropout_ps, ranks, grouping, seed):
         """y = x·Wᵀ + b + s_a·(x̂·A_aᵀ)·B_aᵀ with a = each row's adapter (none for base-only rows).
 
         Shapes: x (..., K), weight (N, K) or an NF4Weight, bias (N,), lora_A (n, r_max, K), lora_B
         (n, N, r_max); scalings, dropout_ps, ranks: n host numbers. Only lanes [:ranks[a]] of adapter a are
-        read. Returns y (..., N) and S (M, r_max) in x's dtype, rows in the grouping's sorted order, lanes
+        read. Returns y (..., N) and S (M, r_max) in x's dtype, rows in the grouping's working order, lanes
         past an adapter's rank zero.
 
-        The base GEMM runs once over all rows; the LoRA terms run per group of rows (rows gathered into
-        adapter order once when they are not already in it), seeding y before the GEMM accumulates onto it.
+        The base GEMM runs once over all rows; the LoRA terms run per segment (a run of rows of one adapter,
+        in place, or one adapter's rows gathered once), seeding y before the GEMM accumulates onto it.
         """
         in_features, out_features, r_max = x.shape[-1], lora_B.shape[1], lora_A.shape[1]
         x2 = x.reshape(-1, in_features)
@@ -321,17 +311,19 @@ class TorchBackend:
         y2 = y.view(-1, out_features)
         ys = y2 if order is None else torch.empty_like(y2)
         shrink = torch.zeros((x2.shape[0], r_max), dtype=dtype, device=x.device)
-        lo, hi = grouping.rows_of(-1)
-        if hi > lo:  # base-only rows start from the bias alone
-            ys[lo:hi] = 0.0 if bias is None else bias
-        keeps = self._group_keeps(seed, grouping, dropout_ps, in_features, x.device, dtype)
-        for a in grouping.used:
-            lo, hi = grouping.rows_of(a)
+        keep = self._row_keep(seed, grouping, dropout_ps, in_features, x.device, dtype)
+        if keep is not None and order is not None:
+            keep = keep.index_select(0, order)
+        for lo, hi, a in grouping.segments:
+            if a < 0:  # base-only rows start from the bias alone
+                ys[lo:hi] = 0.0 if bias is None else bias
+                continue
             r, rows = ranks[a], xs[lo:hi]
-            if a in keeps:
-                rows = keeps[a].mul_(rows)  # the mask's last use here: overwrite it with x ⊙ m
+            seg_keep = None if keep is None or dropout_ps[a] == 0.0 else keep[lo:hi]
+            if seg_keep is not None:
+                rows = seg_keep.mul_(rows)  # the mask's last use here: overwrite it with x ⊙ m
             s_a = torch.mm(rows, a_all[a, :r].t())
-            if a in keeps:
+            if seg_keep is not None:
                 s_a.mul_(1.0 / (1.0 - dropout_ps[a]))
             shrink[lo:hi, :r] = s_a
             if bias is None:
@@ -358,36 +350,36 @@ class TorchBackend:
         xs = None
         if need_a:
             xs = x2 if order is None else x2.index_select(0, order)
-        grad_a = torch.zeros_like(lora_A) if need_a else None
-        grad_b = torch.zeros_like(lora_B) if need_b else None
-        dxs = None
-        if need_x:
-            dxs = torch.zeros_like(x2)  # base-only rows get G·W alone
-        keeps = self._group_keeps(seed, grouping, dropout_ps, in_features, x.device, dtype)
-        for a in grouping.used:
-            lo, hi = grouping.rows_of(a)
+        # Accumulated in x's dtype (an adapter may have several runs), cast once at the end.
+        grad_a = torch.zeros(lora_A.shape, dtype=dtype, device=x.device) if need_a else None
+        grad_b = torch.zeros(lora_B.shape, dtype=dtype, device=x.device) if need_b else None
+        dxs = torch.zeros_like(x2) if need_x else None  # base-only rows get G·W alone
+        keep = self._row_keep(seed, grouping, dropout_ps, in_features, x.device, dtype)
+        if keep is not None and order is not None:
+            keep = keep.index_select(0, order)
+        for lo, hi, a in grouping.segments:
+            if a < 0:
+                continue
             r, g_a = ranks[a], gs[lo:hi]
-            factor = scalings[a] / (1.0 - dropout_ps[a]) if a in keeps else scalings[a]
-            d_s = torch.mm(g_a, b_all[a, :, :r]).mul_(factor)  # dS = s·G·B (rows_a, r), 1/(1-p) folded in
+            seg_keep = None if keep is None or dropout_ps[a] == 0.0 else keep[lo:hi]
+            factor = scalings[a] / (1.0 - dropout_ps[a]) if seg_keep is not None else scalings[a]
+            d_s = torch.mm(g_a, b_all[a, :, :r]).mul_(factor)  # dS = s·G·B (rows, r), 1/(1-p) folded in
             if need_b:
-                grad_b[a, :, :r] = torch.mm(g_a.t(), shrink[lo:hi, :r]).mul_(scalings[a])
+                grad_b[a, :, :r].addmm_(g_a.t(), shrink[lo:hi, :r], alpha=scalings[a])
             if need_x:
-                dx_a = torch.mm(d_s, a_all[a, :r], out=dxs[lo:hi]) if order is None else torch.mm(d_s, a_all[a, :r])
-                if a in keeps:
-                    dx_a.mul_(keeps[a])
-                if order is not None:
-                    dxs[lo:hi] = dx_a
+                dx_a = torch.mm(d_s, a_all[a, :r], out=dxs[lo:hi])
+                if seg_keep is not None:
+                    dx_a.mul_(seg_keep)
             if need_a:
-                rows = xs[lo:hi] if a not in keeps else keeps[a].mul_(xs[lo:hi])
-                grad_a[a, :r] = torch.mm(d_s.t(), rows)
+                rows = xs[lo:hi] if seg_keep is None else seg_keep.mul_(xs[lo:hi])
+                grad_a[a, :r].addmm_(d_s.t(), rows)
         grad_x = None
         if need_x:
-            if order is None:
-                grad_x = dxs
-            else:
-                grad_x = torch.empty_like(x2).index_copy_(0, order, dxs)
+            grad_x = dxs if order is None else torch.empty_like(x2).index_copy_(0, order, dxs)
             _add_base(grad_x, g, weight, grad=True)
             grad_x = grad_x.view(x.shape)
+        grad_a = grad_a if grad_a is None else grad_a.to(lora_A.dtype)
+        grad_b = grad_b if grad_b is None else grad_b.to(lora_B.dtype)
         grad_w = torch.mm(g.t(), x2) if need_w else None
         grad_bias = g.sum(0) if need_bias else None
         return grad_x, grad_a, grad_b, grad_w, grad_bias
