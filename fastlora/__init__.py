@@ -6,6 +6,7 @@ from fastlora.functional import lora_linear, lora_linear_multi
 from fastlora.grouping import RowGrouping, group_rows
 from fastlora.io import load_adapter, save_adapter
 from fastlora.layers import LoRALinear
+from fastlora.mixed_batch import adapter_names
 from fastlora.model import (
     combine,
     delete_adapter,
@@ -32,6 +33,7 @@ __all__ = [
     "NF4Linear",
     "__version__",
     "accelerate",
+    "adapter_names",
     "combine",
     "delete_adapter",
     "disable_adapters",

@@ -381,7 +381,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--qlora", action="store_true", help="time one QLoRA layer instead (M=512, K=N=2048, r=16, "
                         "bf16): fastlora's, PEFT's over bitsandbytes' Linear4bit, and it accelerated; see "
                         "fastlora/bench_qlora.py")  # fmt: skip
+    parser.add_argument("--multi", action="store_true", help="time mixed-adapter batches instead (serving and "
+                        "training, K=N=1024, r=16, fp32): PEFT's adapter_names path, it accelerated, the base "
+                        "layer; see fastlora/bench_multi.py")  # fmt: skip
     args = parser.parse_args(argv)
+    if args.multi:
+        return _multi(args, argv)
     if args.host:
         return _host(args, argv)
     if args.qlora:
@@ -422,6 +427,18 @@ def _qlora(args, argv) -> int:
               "command": "fastlora bench " + " ".join(sys.argv[2:] if argv is None else argv), "rows": rows,
               "seconds": time.time() - start}  # fmt: skip
     return _write(args.out, result, qlora_markdown(rows, **shape, dtype=torch.bfloat16, rounds=args.rounds))
+
+
+def _multi(args, argv) -> int:
+    from fastlora.bench_multi import multi_side_by_side
+    from fastlora.bench_multi import to_markdown as multi_markdown
+
+    start = time.time()
+    rows = multi_side_by_side(rounds=args.rounds)
+    result = {"environment": environment(torch.device("cpu")), "rounds": args.rounds,
+              "command": "fastlora bench " + " ".join(sys.argv[2:] if argv is None else argv), "rows": rows,
+              "seconds": time.time() - start}  # fmt: skip
+    return _write(args.out, result, multi_markdown(rows, rounds=args.rounds))
 
 
 def _write(out: Path, result: dict, table: str) -> int:

@@ -264,9 +264,9 @@ def lora_linear_multi(
 
     Returns:
         (..., N) in x's dtype. Gradients: dA (n, r_max, K) and dB (n, N, r_max) in the adapters' dtype, zero
-        for adapters without rows. Runs on the torch backend (the Triton kernels for mixed batches are not
-        written yet): under "auto" it takes it quietly, a backend asked for by name that lacks it raises.
-        Not traceable by ``torch.compile`` yet.
+        for adapters without rows. The Triton backend draws one dropout probability per call: a batch whose
+        adapters have different ones runs on the torch backend under "auto" (quietly) and raises when
+        "triton" was asked for by name. Not traceable by ``torch.compile`` yet.
     """
     scalings, dropout_ps, ranks = _check_multi(x, lora_A, lora_B, scaling, dropout_p, ranks, adapter_index)
     _check_args(x, weight, bias, lora_A[0], lora_B[0], scalings[0], dropout_ps[0], training, generator)
@@ -278,10 +278,11 @@ def lora_linear_multi(
     if torch.compiler.is_compiling():
         raise NotImplementedError("lora_linear_multi: torch.compile does not trace mixed-adapter batches yet")
     backend = resolve_backend(x.device, x.dtype)
-    if not hasattr(backend, "forward_multi"):
+    why_not = getattr(backend, "multi_unsupported_reason", lambda ps, g: None)(dropout_ps, grouping)
+    if why_not is not None:
         if selected_backend_name() != AUTO:
-            raise RuntimeError(f"fastlora backend {backend.name!r} was requested but has no mixed-adapter "
-                               "(lora_linear_multi) implementation yet; use 'torch' or 'auto'")  # fmt: skip
+            raise RuntimeError(f"fastlora backend {backend.name!r} was requested but cannot run this mixed-adapter "
+                               f"batch: {why_not}; use 'torch' or 'auto'")  # fmt: skip
         backend = get_backend("torch")
     device_type = x.device.type
     if _autocast_enabled(device_type):

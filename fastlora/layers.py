@@ -12,7 +12,8 @@ import torch.nn.functional as F
 
 from fastlora._checks import check_adapter_name, check_bool, check_hparams, check_int, check_names
 from fastlora import nf4
-from fastlora.functional import lora_linear
+from fastlora import mixed_batch
+from fastlora.functional import lora_linear, lora_linear_multi
 from fastlora.nf4 import NF4Weight
 from fastlora.quantized import NF4Linear, nf4_linear
 
@@ -370,6 +371,10 @@ class LoRALinear(nn.Module):
         # Parameters and submodules are read from Module's own dicts (_parameters, _modules): the same
         # objects as self.weight or self.lora_A[name], without Module.__getattr__'s host time on every call.
         params = self._parameters
+        if not self.disabled:
+            batch = mixed_batch.current()
+            if batch is not None:
+                return self._forward_mixed(x, batch)
         if params["weight"] is None:
             return self._forward_quantized(x)
         bias = params["bias"]
@@ -391,6 +396,31 @@ class LoRALinear(nn.Module):
             a, b = lora_a[name].to(x.dtype), lora_b[name].to(x.dtype)
             y = y + self.scaling[name] * ((x_hat @ a.t()) @ b.t())
         return y
+
+    def _forward_mixed(self, x: torch.Tensor, batch: mixed_batch.MixedBatch) -> torch.Tensor:
+        """A mixed-adapter batch (``fastlora.adapter_names``): each sample with its own adapter of this layer,
+        or the base alone, in one ``lora_linear_multi``."""
+        if self.merged_adapters:
+            raise ValueError(f"adapter_names: this layer has merged adapters {self.merged_adapters}; mixed batches "
+                             "need every adapter unmerged")  # fmt: skip
+        local, grouping = batch.grouping(self.lora_A, x)
+        quantized = self.quantized
+        if quantized:
+            base = self._modules["base_layer"]
+            weight, bias, dtype = base.weight, base._parameters["bias"], x.dtype
+            x = x.to(base.compute_dtype)
+            bias = None if bias is None else bias.to(base.compute_dtype)
+        else:
+            weight = self.weight.t() if self.fan_in_fan_out else self.weight
+            bias = self.bias
+        if not local:
+            y = nf4_linear(x, weight, bias, x.dtype) if quantized else F.linear(x, weight, bias)
+        else:
+            lora_a, lora_b = self.lora_A, self.lora_B
+            a, b, ranks = mixed_batch.stack_adapters(self, [(lora_a[n], lora_b[n]) for n in local])
+            y = lora_linear_multi(x, weight, bias, a, b, [self.scaling[n] for n in local], grouping,
+                                  [self.lora_dropout[n] for n in local], self.training, ranks=ranks)  # fmt: skip
+        return y.to(dtype) if quantized else y
 
     def _forward_quantized(self, x: torch.Tensor) -> torch.Tensor:
         # As bitsandbytes' Linear4bit: compute in the base's compute dtype, return in x's dtype.

@@ -29,6 +29,7 @@ from fastlora._checks import (
     check_rank,
     check_real,
 )
+from fastlora import mixed_batch
 from fastlora.layers import DEFAULT_ADAPTER, LoRALinear, is_conv1d
 from fastlora.quantized import NF4Linear
 
@@ -248,7 +249,9 @@ def inject(
     plan = plan_injection(model, target_modules, r, lora_alpha, lora_dropout, adapter_name, exclude_modules,
                           rank_pattern, alpha_pattern, modules_to_save)  # fmt: skip
     check_bool("use_rslora", use_rslora)
-    return apply_injection(model, plan, adapter_name, float(lora_dropout), use_rslora)
+    apply_injection(model, plan, adapter_name, float(lora_dropout), use_rslora)
+    mixed_batch.install_keyword(model)  # model(..., adapter_names=[...]): a mixed-adapter batch
+    return model
 
 
 @dataclass(frozen=True)
@@ -454,6 +457,7 @@ def unload(model: nn.Module, merge: bool = True) -> nn.Module:
     plain.update(quantized)
     for name, module in plain.items():
         _set_submodule(model, name, module)
+    mixed_batch.remove_keyword(model)
     return model
 
 

@@ -22,7 +22,8 @@ import torch.nn as nn
 from peft.tuners.lora import Linear
 from peft.tuners.tuners_utils import BaseTunerLayer
 
-from fastlora.functional import lora_linear
+from fastlora import mixed_batch
+from fastlora.functional import lora_linear, lora_linear_multi
 from fastlora.layers import is_conv1d
 from fastlora.nf4 import NF4_BLOCKSIZES, NF4Weight
 
@@ -46,6 +47,11 @@ class _FusedForward:
         # or base.weight, without Module.__getattr__'s host time (a dozen lookups per call otherwise).
         modules = self._modules
         lora_a = modules["lora_A"]._modules
+        batch = mixed_batch.current()
+        if kwargs.get("adapter_names") is not None or batch is not None:
+            if not args and set(kwargs) <= {"adapter_names"}:
+                names = kwargs.get("adapter_names")  # PEFT's own keyword (its forward hook passes it)
+                return self._forward_mixed(x, batch if names is None else mixed_batch.MixedBatch(names))
         active = [a for a in self.active_adapters if a in lora_a]
         if args or kwargs or self._peft_forward_reason(active) is not None:
             return super().forward(x, *args, **kwargs)
@@ -56,7 +62,8 @@ class _FusedForward:
         dropout_p = _dropout_p(modules["lora_dropout"]._modules[first])
         lora_args = (lora_a[first]._parameters["weight"], lora_b, self.scaling[first], dropout_p, self.training)
         if _BnbLinear4bit is not None and isinstance(base, _BnbLinear4bit):
-            y = self._forward_4bit(base, x, lora_args)
+            y = self._forward_4bit(base, x, lambda xc, weight, bias: lora_linear(xc, weight, bias, *lora_args),
+                                   lora_args[0].dtype)  # fmt: skip
         else:
             weight = params["weight"].t() if is_conv1d(base) else params["weight"]  # Conv1D stores (in, out)
             y = lora_linear(x, weight, params["bias"], *lora_args)
@@ -67,7 +74,35 @@ class _FusedForward:
             y = y + (lora_B(lora_A(self.lora_dropout[name](xa))) * self.scaling[name]).to(y.dtype)
         return y
 
-    def _forward_4bit(self, base: nn.Module, x: torch.Tensor, lora_args: tuple) -> torch.Tensor:
+    def _forward_mixed(self, x: torch.Tensor, batch: mixed_batch.MixedBatch) -> torch.Tensor:
+        """Each sample with its own adapter (PEFT's ``adapter_names``), fused in one ``lora_linear_multi``; PEFT's
+        own loop where the layer cannot fuse."""
+        if self.disable_adapters:
+            return super().forward(x)
+        if self.merged:
+            raise ValueError(f"adapter_names: this layer has merged adapters {self.merged_adapters}; mixed batches "
+                             "need every adapter unmerged (unmerge first)")  # fmt: skip
+        local, grouping = batch.grouping(self.lora_A, x)
+        if not local:
+            return self._modules["base_layer"](x)
+        if unfusable(self, list(local)) is not None:
+            return super().forward(x, adapter_names=list(batch.sample_names(x)))
+        base = self._modules["base_layer"]
+        lora_a, lora_b = self.lora_A, self.lora_B
+        pairs = [(lora_a[n]._parameters["weight"], lora_b[n]._parameters["weight"]) for n in local]
+        a, b, ranks = mixed_batch.stack_adapters(self, pairs)
+        multi_args = ([self.scaling[n] for n in local], grouping, [_dropout_p(self.lora_dropout[n]) for n in local],
+                      self.training)  # fmt: skip
+
+        def run(xc, weight, bias):
+            return lora_linear_multi(xc, weight, bias, a, b, *multi_args, ranks=ranks)
+
+        if _BnbLinear4bit is not None and isinstance(base, _BnbLinear4bit):
+            return self._forward_4bit(base, x, run, a.dtype)
+        params = base._parameters
+        return run(x, params["weight"].t() if is_conv1d(base) else params["weight"], params["bias"])
+
+    def _forward_4bit(self, base: nn.Module, x: torch.Tensor, run, adapter_dtype: torch.dtype) -> torch.Tensor:
         """What PEFT computes over a bitsandbytes ``Linear4bit``, fused.
 
         bitsandbytes computes the base term in its ``compute_dtype`` (x, bias and the dequantised weight cast
@@ -86,7 +121,7 @@ class _FusedForward:
         if bias is not None and bias.dtype != xc.dtype:
             # bitsandbytes rewrites bias.data in the compute dtype on its first call; the values are the same
             bias = bias.to(xc.dtype)
-        y = lora_linear(xc, nf4, bias, *lora_args)
+        y = run(xc, nf4, bias)
         out_dtype = x.dtype
         if isinstance(self, PeftLinear4bit) and torch.is_autocast_enabled():  # PEFT's own test of autocast
             # lora.Linear4bit adds the LoRA term uncast under autocast: x's dtype + the autocast dtype
@@ -94,7 +129,7 @@ class _FusedForward:
             if torch.is_autocast_enabled(device_type):
                 out_dtype = torch.promote_types(out_dtype, torch.get_autocast_dtype(device_type))
             else:
-                out_dtype = torch.promote_types(out_dtype, lora_args[0].dtype)
+                out_dtype = torch.promote_types(out_dtype, adapter_dtype)
         return y if y.dtype == out_dtype else y.to(out_dtype)
 
     def _peft_forward_reason(self, active: list[str]) -> str | None:

@@ -11,6 +11,8 @@ from fastlora import nf4, reference
 from fastlora.backends import draw_seed, get_backend
 from fastlora.testing import FLOOR, layout, rel_err
 
+from conftest import cpu_backends, skip_if_unsupported
+
 GRAD_SEED, GEN_SEED = 1, 7
 
 
@@ -28,7 +30,15 @@ def _case(lead, k, n_out, n, r_max, index, *, ranks=None, ps=None, bias=True, se
                 ps=ps or [0.0] * n)  # fmt: skip
 
 
-def check_multi(case, dtype, adapter_dtype=None, *, layout_kind="contiguous", nf4_blocksize=None, grouping=None):
+@pytest.fixture(params=cpu_backends())
+def backend(request):
+    """Each backend that runs here (Triton through its interpreter)."""
+    return request.param
+
+
+def check_multi(case, dtype, adapter_dtype=None, *, backend="torch", layout_kind="contiguous", nf4_blocksize=None,
+                grouping=None):  # fmt: skip
+    skip_if_unsupported(backend, dtype, adapter_dtype or dtype)
     adapter_dtype = adapter_dtype or dtype
     x64 = case["x"]
     lead, k = x64.shape[:-1], x64.shape[-1]
@@ -38,7 +48,7 @@ def check_multi(case, dtype, adapter_dtype=None, *, layout_kind="contiguous", nf
     mask = None
     if any(p > 0 for p in case["ps"]):
         seed = draw_seed(torch.device("cpu"), torch.Generator().manual_seed(GEN_SEED))
-        mask = get_backend("torch").multi_keep_mask(seed, grouping, case["ps"], k, torch.device("cpu"))
+        mask = get_backend(backend).multi_keep_mask(seed, grouping, case["ps"], k, torch.device("cpu"))
     grad_out = torch.randn(*lead, case["weight"].shape[0], generator=torch.Generator().manual_seed(GRAD_SEED),
                            dtype=torch.float64)  # fmt: skip
     weight = case["weight"]
@@ -59,6 +69,10 @@ def check_multi(case, dtype, adapter_dtype=None, *, layout_kind="contiguous", nf
         return y.view(*lead, -1)
 
     def ours_run(t):
+        with fastlora.use_backend(backend):
+            return _ours(t)
+
+    def _ours(t):
         return fastlora.lora_linear_multi(layout(t["x"], layout_kind), t["weight"], t["bias"], t["lora_A"],
                                           t["lora_B"], case["scalings"], grouping, case["ps"], ranks=case["ranks"],
                                           generator=torch.Generator().manual_seed(GEN_SEED))  # fmt: skip
@@ -81,21 +95,21 @@ def check_multi(case, dtype, adapter_dtype=None, *, layout_kind="contiguous", nf
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
-def test_rows_in_any_order_against_float64(dtype):
+def test_rows_in_any_order_against_float64(backend, dtype):
     # K = 37, N = 29: odd; 41 rows over 4 adapters and the base, in random order.
     index = torch.randint(-1, 4, (41,), generator=torch.Generator().manual_seed(3))
-    check_multi(_case((41,), 37, 29, 4, 6, index), dtype, torch.float32)
+    check_multi(_case((41,), 37, 29, 4, 6, index), dtype, torch.float32, backend=backend)
 
 
-def test_ranks_differ_and_unused_lanes_get_no_gradient():
+def test_ranks_differ_and_unused_lanes_get_no_gradient(backend):
     index = torch.tensor([2, 0, 1, 1, -1, 2, 0, 2, 1])
-    got = check_multi(_case((9,), 24, 19, 3, 8, index, ranks=[1, 8, 3]), torch.float32)
+    got = check_multi(_case((9,), 24, 19, 3, 8, index, ranks=[1, 8, 3]), torch.float32, backend=backend)
     assert torch.all(got["dlora_A"][0, 1:] == 0) and torch.all(got["dlora_B"][2, :, 3:] == 0)
 
 
-def test_rank_one_to_large():
+def test_rank_one_to_large(backend):
     index = torch.arange(20) % 3
-    check_multi(_case((20,), 40, 33, 3, 64, index, ranks=[1, 64, 17]), torch.float32)
+    check_multi(_case((20,), 40, 33, 3, 64, index, ranks=[1, 64, 17]), torch.float32, backend=backend)
 
 
 def test_runs_of_rows_are_worked_on_in_place():
@@ -123,23 +137,31 @@ def test_one_adapter_matches_the_single_op():
     torch.testing.assert_close(multi, single, rtol=1e-5, atol=1e-5)
 
 
-def test_all_rows_base_only():
-    got = check_multi(_case((7,), 16, 10, 2, 3, torch.full((7,), -1)), torch.float32)
+def test_all_rows_base_only(backend):
+    got = check_multi(_case((7,), 16, 10, 2, 3, torch.full((7,), -1)), torch.float32, backend=backend)
     assert torch.all(got["dlora_A"] == 0) and torch.all(got["dlora_B"] == 0)
 
 
-def test_empty_batch():
+def test_empty_batch(backend):
     x = torch.randn(0, 16, requires_grad=True)
     a, b = torch.randn(2, 3, 16, requires_grad=True), torch.randn(2, 10, 3, requires_grad=True)
-    y = fastlora.lora_linear_multi(x, torch.randn(10, 16), None, a, b, 1.0, torch.zeros(0, dtype=torch.long))
-    assert y.shape == (0, 10)
-    y.sum().backward()
+    with fastlora.use_backend(backend):
+        y = fastlora.lora_linear_multi(x, torch.randn(10, 16), None, a, b, 1.0, torch.zeros(0, dtype=torch.long))
+        assert y.shape == (0, 10)
+        y.sum().backward()
     assert x.grad.shape == (0, 16) and torch.all(a.grad == 0) and torch.all(b.grad == 0)
 
 
 def test_dropout_per_adapter():
     index = torch.randint(-1, 3, (30,), generator=torch.Generator().manual_seed(4))
     check_multi(_case((30,), 48, 20, 3, 4, index, ps=[0.0, 0.3, 0.6]), torch.float32)
+
+
+@pytest.mark.parametrize("layout_kind", ["contiguous", "strided"])
+def test_dropout_one_probability(backend, layout_kind):
+    index = torch.randint(-1, 3, (6, 5), generator=torch.Generator().manual_seed(4))
+    check_multi(_case((6, 5), 48, 20, 3, 4, index, ps=[0.25] * 3), torch.float32, backend=backend,
+                layout_kind=layout_kind)  # fmt: skip
 
 
 def test_dropout_masks_follow_each_adapters_probability():
@@ -157,16 +179,17 @@ def test_per_sequence_index_on_3d_strided_x(layout_kind):
     check_multi(_case((5, 7), 24, 18, 3, 4, index, ps=[0.2, 0.0, 0.1]), torch.float32, layout_kind=layout_kind)
 
 
-def test_nf4_base():
+def test_nf4_base(backend):
     index = torch.randint(-1, 3, (12,), generator=torch.Generator().manual_seed(5))
-    check_multi(_case((12,), 128, 40, 3, 4, index), torch.float32, nf4_blocksize=64)
+    check_multi(_case((12,), 128, 40, 3, 4, index, ps=[0.2] * 3), torch.float32, backend=backend, nf4_blocksize=64)
 
 
-def test_a_grouping_is_reused_across_layers():
+def test_a_grouping_is_reused_across_layers(backend):
     index = torch.tensor([1, 0, 1, -1])
     grouping = fastlora.group_rows(index, 2, (4,))
     for seed in range(3):  # three layers of other shapes, one grouping
-        check_multi(_case((4,), 16 + seed, 8 + seed, 2, 2, index, seed=seed), torch.float32, grouping=grouping)
+        check_multi(_case((4,), 16 + seed, 8 + seed, 2, 2, index, seed=seed), torch.float32, backend=backend,
+                    grouping=grouping)  # fmt: skip
 
 
 def test_bad_indices_and_arguments_name_the_argument():
@@ -204,13 +227,13 @@ def test_bad_indices_and_arguments_name_the_argument():
         call(weight=torch.randn(6, 9))
 
 
-def test_a_backend_without_mixed_batches_asked_by_name_raises():
-    from conftest import cpu_backends
-
+def test_triton_asked_by_name_refuses_two_dropout_probabilities():
     if "triton" not in cpu_backends():
         pytest.skip("the triton backend runs on the CPU only under TRITON_INTERPRET=1")
     x, w, a, b = torch.randn(4, 8), torch.randn(6, 8), torch.randn(2, 3, 8), torch.randn(2, 6, 3)
-    with fastlora.use_backend("triton"), pytest.raises(RuntimeError, match="'triton' .*no mixed-adapter"):
-        fastlora.lora_linear_multi(x, w, None, a, b, 1.0, torch.tensor([0, 1, -1, 0]))
-    with fastlora.use_backend("auto"):  # auto takes the torch backend quietly
-        fastlora.lora_linear_multi(x, w, None, a, b, 1.0, torch.tensor([0, 1, -1, 0]))
+    index = torch.tensor([0, 1, -1, 0])
+    with fastlora.use_backend("triton"), pytest.raises(RuntimeError, match=r"'triton' .*one dropout probability per "
+                                                                           r"call, these adapters have \[0.1, 0.2\]"):
+        fastlora.lora_linear_multi(x, w, None, a, b, 1.0, index, [0.1, 0.2])
+    with fastlora.use_backend("triton"):  # in eval mode nothing drops: the kernels take it
+        fastlora.lora_linear_multi(x, w, None, a, b, 1.0, index, [0.1, 0.2], training=False)
