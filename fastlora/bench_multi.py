@@ -8,7 +8,8 @@ Scenarios (K = N = 1024, r = 16, fp32, adapters with random B):
 
 Variants: the base layer alone ("base only", ``F.linear``); PEFT's ``adapter_names`` path (its loop over the
 batch's adapters; PEFT refuses it in training mode); the same PEFT model after ``fastlora.accelerate``
-(``adapter_names`` reaching the fused layer; in training, ``fastlora.adapter_names``); and, for training, the
+called with PEFT's ``adapter_names=`` keyword (which PEFT passes down through forward hooks it registers on
+every module per call) and inside ``fastlora.adapter_names`` (the only way in training); and, for training, the
 accelerated model with one adapter for the whole batch ("single adapter, fused"). Each variant runs ``rounds``
 times interleaved with the others; the median counts.
 """
@@ -73,10 +74,15 @@ def _variants(samples: int, tokens: int, adapters: int, training: bool, k: int, 
     base = peft.base_model.model[0].base_layer
     if not training:
         peft.eval(), ours.eval()
+        def scoped():
+            with fastlora.adapter_names(ours, names):
+                return ours(x)
+
         return {
             "base only": lambda: F.linear(x, base.weight, base.bias),
             "PEFT adapter_names": lambda: peft(x, adapter_names=names),
-            "PEFT accelerated": lambda: ours(x, adapter_names=names),
+            "PEFT accelerated, adapter_names=": lambda: ours(x, adapter_names=names),
+            "PEFT accelerated, fastlora.adapter_names": scoped,
         }, names
     ours.train()
     for name, p in ours.named_parameters():
@@ -93,7 +99,7 @@ def _variants(samples: int, tokens: int, adapters: int, training: bool, k: int, 
     return {
         "base only": lambda: F.linear(x, base.weight, base.bias).backward(grad),
         "single adapter, fused": lambda: single(x).backward(grad),
-        "PEFT accelerated": mixed,
+        "PEFT accelerated, fastlora.adapter_names": mixed,
     }, names
 
 

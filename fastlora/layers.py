@@ -48,8 +48,9 @@ class LoRALinear(nn.Module):
     ``scaling[name]`` = lora_alpha / r (lora_alpha / √r with rsLoRA). Adapters are fp32 on an fp16/bf16
     base (as PEFT keeps them) and in the base dtype otherwise.
 
-    The first active adapter runs fused into the base GEMM; further active adapters add their terms with
-    plain PyTorch ops. Merged adapters live in ``weight`` (see ``merge``); a layer whose active adapters
+    Active adapters run fused into the base GEMM: several at once as one adapter of their stacked ranks
+    when no dropout applies (eval, or every p = 0); in training with dropout the first runs fused and the
+    others add their terms with plain PyTorch ops (each needs its own dropout draw). Merged adapters live in ``weight`` (see ``merge``); a layer whose active adapters
     are all merged costs what the plain layer costs.
 
     QLoRA: on a quantised base (``from_linear(NF4Linear)``, or ``fastlora.quantize`` after ``inject``) the base
@@ -386,13 +387,24 @@ class LoRALinear(nn.Module):
             pending = [n for n in pending if n not in self.merged_adapters]
         if not pending:
             return F.linear(x, weight, bias)
+        return self._with_adapters(x, weight, bias, pending)
+
+    def _with_adapters(self, x: torch.Tensor, weight, bias, pending: list[str]) -> torch.Tensor:
+        """x·Wᵀ + b + the ``pending`` adapters' terms. One adapter: one fused op. Several: one fused op over their
+        stacked ranks (A = [A_1; …], B = [s_1·B_1, …], s = 1) when no dropout applies (eval, or every p = 0);
+        with dropout each adapter needs its own draw, so the first runs fused and the others add plain ops."""
         modules = self._modules
         lora_a, lora_b = modules["lora_A"]._parameters, modules["lora_B"]._parameters
+        dropout = self.lora_dropout
+        if len(pending) > 1 and not (self.training and any(dropout[n] > 0.0 for n in pending)):
+            a = torch.cat([lora_a[n] for n in pending])
+            b = torch.cat([lora_b[n] * self.scaling[n] for n in pending], dim=1)
+            return lora_linear(x, weight, bias, a, b, 1.0, 0.0, self.training)
         first = pending[0]
-        y = lora_linear(x, weight, bias, lora_a[first], lora_b[first], self.scaling[first],
-                        self.lora_dropout[first], self.training)  # fmt: skip
+        y = lora_linear(x, weight, bias, lora_a[first], lora_b[first], self.scaling[first], dropout[first],
+                        self.training)  # fmt: skip
         for name in pending[1:]:  # further adapters: their own dropout draw, added with plain ops
-            x_hat = F.dropout(x, self.lora_dropout[name], self.training)
+            x_hat = F.dropout(x, dropout[name], self.training)
             a, b = lora_a[name].to(x.dtype), lora_b[name].to(x.dtype)
             y = y + self.scaling[name] * ((x_hat @ a.t()) @ b.t())
         return y
@@ -436,16 +448,7 @@ class LoRALinear(nn.Module):
         dtype = x.dtype
         x = x.to(compute_dtype)
         bias = None if bias is None else bias.to(compute_dtype)
-        modules = self._modules
-        lora_a, lora_b = modules["lora_A"]._parameters, modules["lora_B"]._parameters
-        first = pending[0]
-        y = lora_linear(x, base.weight, bias, lora_a[first], lora_b[first], self.scaling[first],
-                        self.lora_dropout[first], self.training)  # fmt: skip
-        for name in pending[1:]:
-            x_hat = F.dropout(x, self.lora_dropout[name], self.training)
-            a, b = lora_a[name].to(compute_dtype), lora_b[name].to(compute_dtype)
-            y = y + self.scaling[name] * ((x_hat @ a.t()) @ b.t())
-        return y.to(dtype)
+        return self._with_adapters(x, base.weight, bias, pending).to(dtype)
 
     def extra_repr(self) -> str:
         has_bias = (self.base_layer.bias if self.quantized else self.bias) is not None

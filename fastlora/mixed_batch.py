@@ -80,17 +80,10 @@ class MixedBatch:
         return found
 
 
-def _lora_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """fastlora's LoRALinear layers and PEFT's LoRA layers of ``model``."""
-    from fastlora.layers import LoRALinear
-
-    found = []
-    for name, module in model.named_modules():
-        if isinstance(module, LoRALinear):
-            found.append((name, module))
-        elif hasattr(module, "lora_A") and isinstance(getattr(module, "lora_A"), nn.ModuleDict):  # PEFT's
-            found.append((name, module))
-    return found
+def _lora_layers(model: nn.Module) -> list[nn.Module]:
+    """fastlora's LoRALinear layers and PEFT's LoRA layers of ``model``: the modules holding a ``lora_A``
+    dict (read from ``_modules``: ``hasattr`` on a module costs an exception per miss)."""
+    return [m for m in model.modules() if isinstance(m._modules.get("lora_A"), (nn.ModuleDict, nn.ParameterDict))]
 
 
 def check_names(model: nn.Module, names: object) -> tuple[str, ...]:
@@ -105,15 +98,16 @@ def check_names(model: nn.Module, names: object) -> tuple[str, ...]:
     if not layers:
         raise ValueError("adapter_names: the model has no LoRA layers")
     known = set()
-    for _, layer in layers:
-        known.update(layer.lora_A.keys())
+    for layer in layers:
+        known.update(layer._modules["lora_A"].keys())
     bad = sorted({n for n in names if n != BASE and n not in known})
     if bad:
         raise ValueError(f"adapter_names: no adapter named {bad} in the model (it has {sorted(known)}, and "
                          f"{BASE!r} runs the base alone)")  # fmt: skip
-    for name, layer in layers:
+    for layer in layers:
         merged = getattr(layer, "merged_adapters", None)
         if merged:
+            name = next(n for n, m in model.named_modules() if m is layer)
             raise ValueError(f"adapter_names: {name or 'the model'} has merged adapters {list(merged)}; mixed "
                              "batches need every adapter unmerged (unmerge first)")  # fmt: skip
     return tuple(names)

@@ -225,4 +225,5 @@ def lora_linear_multi_eager(x, weight, bias, lora_A, lora_B, scalings, dropout_p
     if _needs_grad(x, weight, bias, lora_A, lora_B):
         params = (scalings, dropout_ps, ranks, grouping, seed, backend.name)
         return LoRALinearMultiFunction.apply(x, weight, bias, lora_A, lora_B, params)
-    return backend.forward_multi(x, weight, bias, lora_A, lora_B, scalings, dropout_ps, ranks, grouping, seed)[0]
+    return backend.forward_multi(x, weight, bias, lora_A, lora_B, scalings, dropout_ps, ranks, grouping, seed,
+                                 want_shrink=False)[0]  # fmt: skip

@@ -58,9 +58,16 @@ class _FusedForward:
         base = modules["base_layer"]
         params = base._parameters
         first, *rest = active
-        lora_b = modules["lora_B"]._modules[first]._parameters["weight"]
-        dropout_p = _dropout_p(modules["lora_dropout"]._modules[first])
-        lora_args = (lora_a[first]._parameters["weight"], lora_b, self.scaling[first], dropout_p, self.training)
+        lora_b_mods, dropouts = modules["lora_B"]._modules, modules["lora_dropout"]._modules
+        if rest and not (self.training and any(_dropout_p(dropouts[n]) > 0.0 for n in active)):
+            # Several adapters and no dropout applies: one adapter of their stacked ranks, B_a scaled by s_a.
+            a = torch.cat([lora_a[n]._parameters["weight"] for n in active])
+            b = torch.cat([lora_b_mods[n]._parameters["weight"] * self.scaling[n] for n in active], dim=1)
+            lora_args, rest = (a, b, 1.0, 0.0, self.training), []
+        else:
+            lora_b = lora_b_mods[first]._parameters["weight"]
+            lora_args = (lora_a[first]._parameters["weight"], lora_b, self.scaling[first],
+                         _dropout_p(dropouts[first]), self.training)  # fmt: skip
         if _BnbLinear4bit is not None and isinstance(base, _BnbLinear4bit):
             y = self._forward_4bit(base, x, lambda xc, weight, bias: lora_linear(xc, weight, bias, *lora_args),
                                    lora_args[0].dtype)  # fmt: skip
@@ -153,8 +160,9 @@ class _FusedForward:
 
 class FusedLoraLinear(_FusedForward, Linear):
     """PEFT's LoRA ``Linear`` (a subclass: ``isinstance(m, peft.tuners.lora.Linear)`` holds) whose forward
-    runs ``fastlora.functional.lora_linear``: the base GEMM and the first active adapter in one op. Further
-    active adapters are added as PEFT adds them. Everything else (merge, set_adapter, state_dict, ...) is
+    runs ``fastlora.functional.lora_linear``: the base GEMM and the active adapter in one op (several active
+    adapters as one of their stacked ranks when no dropout applies; with dropout the first runs fused and the
+    others are added as PEFT adds them). Everything else (merge, set_adapter, state_dict, ...) is
     PEFT's, inherited untouched, and so is the forward whenever ``unfusable`` finds a reason: the layer then
     computes exactly what PEFT computes. The base is a plain ``nn.Linear``/``Conv1D`` or a bitsandbytes NF4
     ``Linear4bit`` (PEFT wraps one in this class when the model was not loaded in 4-bit by transformers)."""

@@ -197,3 +197,46 @@ def test_meta_device_construction_forward_and_to_empty():
 def test_from_linear_rejects_other_modules():
     with pytest.raises(TypeError, match="linear: expected an nn.Linear or transformers Conv1D, got Conv1d"):
         fastlora.LoRALinear.from_linear(nn.Conv1d(3, 3, 1))
+
+
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train_no_dropout"])
+def test_several_active_adapters_run_as_one_fused_op(monkeypatch, training):
+    """Two active adapters without dropout: one lora_linear call over their stacked ranks (B scaled by each
+    adapter's s), output and every gradient as the sum of the two terms in float64."""
+    import fastlora.layers as layers_module
+
+    torch.manual_seed(0)
+    layer = fastlora.LoRALinear(24, 18, r=3, lora_alpha=6).double()
+    layer.add_adapter("other", r=5, lora_alpha=2)
+    for name in layer.adapters:
+        torch.nn.init.normal_(layer.lora_B[name])
+    layer.set_active(["default", "other"])
+    layer.train(training)
+    calls = []
+    real = layers_module.lora_linear
+    monkeypatch.setattr(layers_module, "lora_linear", lambda *a, **k: calls.append(a[3].shape) or real(*a, **k))
+    x = torch.randn(4, 24, dtype=torch.float64, requires_grad=True)
+    y = layer(x)
+    assert calls == [(8, 24)]
+    want = torch.nn.functional.linear(x, layer.weight, layer.bias)
+    for name in layer.adapters:
+        want = want + layer.scaling[name] * (x @ layer.lora_A[name].t()) @ layer.lora_B[name].t()
+    torch.testing.assert_close(y, want)
+    g = torch.randn_like(y)
+    got = torch.autograd.grad(y, [x, *layer.lora_A.values(), *layer.lora_B.values()], g)
+    exp = torch.autograd.grad(want, [x, *layer.lora_A.values(), *layer.lora_B.values()], g)
+    for a, b in zip(got, exp):
+        torch.testing.assert_close(a, b)
+
+
+def test_several_active_adapters_with_dropout_draw_each_their_own(monkeypatch):
+    import fastlora.layers as layers_module
+
+    layer = fastlora.LoRALinear(24, 18, r=3, lora_dropout=0.2)
+    layer.add_adapter("other", r=5, lora_dropout=0.2)
+    layer.set_active(["default", "other"])
+    calls = []
+    real = layers_module.lora_linear
+    monkeypatch.setattr(layers_module, "lora_linear", lambda *a, **k: calls.append(a[3].shape) or real(*a, **k))
+    layer.train()(torch.randn(4, 24))
+    assert calls == [(3, 24)]  # the first fused, the other with its own F.dropout draw

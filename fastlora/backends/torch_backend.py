@@ -290,13 +290,14 @@ class TorchBackend:
         keep = self._row_keep(seed, grouping, dropout_ps, in_features, device, torch.bool)
         return torch.ones((grouping.num_rows, in_features), dtype=torch.bool, device=device) if keep is None else keep
 
-    def forward_multi(self, x, weight, bias, lora_A, lora_B, scalings, dropout_ps, ranks, grouping, seed):
+    def forward_multi(self, x, weight, bias, lora_A, lora_B, scalings, dropout_ps, ranks, grouping, seed,
+                      want_shrink=True):  # fmt: skip
         """y = x·Wᵀ + b + s_a·(x̂·A_aᵀ)·B_aᵀ with a = each row's adapter (none for base-only rows).
 
         Shapes: x (..., K), weight (N, K) or an NF4Weight, bias (N,), lora_A (n, r_max, K), lora_B
         (n, N, r_max); scalings, dropout_ps, ranks: n host numbers. Only lanes [:ranks[a]] of adapter a are
         read. Returns y (..., N) and S (M, r_max) in x's dtype, rows in the grouping's working order, lanes
-        past an adapter's rank zero.
+        past an adapter's rank zero (None unless ``want_shrink``: inference keeps no S).
 
         The base GEMM runs once over all rows; the LoRA terms run per segment (a run of rows of one adapter,
         in place, or one adapter's rows gathered once), seeding y before the GEMM accumulates onto it.
@@ -310,7 +311,7 @@ class TorchBackend:
         y = torch.empty((*x.shape[:-1], out_features), dtype=dtype, device=x.device)
         y2 = y.view(-1, out_features)
         ys = y2 if order is None else torch.empty_like(y2)
-        shrink = torch.zeros((x2.shape[0], r_max), dtype=dtype, device=x.device)
+        shrink = torch.zeros((x2.shape[0], r_max), dtype=dtype, device=x.device) if want_shrink else None
         keep = self._row_keep(seed, grouping, dropout_ps, in_features, x.device, dtype)
         if keep is not None and order is not None:
             keep = keep.index_select(0, order)
@@ -325,7 +326,8 @@ class TorchBackend:
             s_a = torch.mm(rows, a_all[a, :r].t())
             if seg_keep is not None:
                 s_a.mul_(1.0 / (1.0 - dropout_ps[a]))
-            shrink[lo:hi, :r] = s_a
+            if want_shrink:
+                shrink[lo:hi, :r] = s_a
             if bias is None:
                 ys[lo:hi].addmm_(s_a, b_all[a, :, :r].t(), beta=0, alpha=scalings[a])
             else:

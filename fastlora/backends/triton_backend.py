@@ -111,7 +111,8 @@ class TritonBackend:
         mask = dropout_mask(seed, (m, in_features), p, device)
         return mask | (grouping.index < 0)[:, None]
 
-    def forward_multi(self, x, weight, bias, lora_A, lora_B, scalings, dropout_ps, ranks, grouping, seed):
+    def forward_multi(self, x, weight, bias, lora_A, lora_B, scalings, dropout_ps, ranks, grouping, seed,
+                      want_shrink=True):  # fmt: skip
         """As the torch backend's ``forward_multi``; S comes back as (M, n·r_max), each row's own lanes."""
         k, n_out = x.shape[-1], lora_B.shape[1]
         x2 = x.reshape(-1, k)
