@@ -305,6 +305,80 @@ def qlora_timings(device: torch.device, backends: list[str], quick: bool, rounds
     return rows
 
 
+def multi_timings(device: torch.device, backends: list[str], quick: bool, rounds: int) -> list[dict]:
+    """Mixed-adapter batches (``lora_linear_multi``) on the Llama-2-7B q shape (bf16, r = 16; quick: small
+    fp32): 4096 rows in 8 sequences of 512, one adapter each, forward and forward+backward against the
+    single-adapter fused op on the same rows (targets <= 1.10x and <= 1.15x); decode batches of 16 and 64 rows
+    over as many adapters, forward, against PEFT's ``adapter_names`` loop on the same layer (target >= 3x
+    faster). Each output first checked against the torch backend's."""
+    backend = "triton" if "triton" in backends else "torch"
+    k, n = (96, 64) if quick else layer_shapes("Llama-2-7B")["q"]
+    dtype = torch.float32 if quick else torch.bfloat16
+    cases = [(64, 8, 8)] if quick else [(4096, 8, 8), (16, 16, 16), (64, 64, 64)]  # (rows, sequences, adapters)
+    rows = []
+    for m, seqs, adapters in cases:
+        row = {"rows": m, "adapters": adapters, "dtype": str(dtype).removeprefix("torch."), "backend": backend}
+        rows.append(row)
+        try:
+            g = torch.Generator(device=device).manual_seed(0)
+            w = torch.randn(n, k, device=device, generator=g).div_(k**0.5).to(dtype)
+            a = torch.randn(adapters, 16, k, device=device, generator=g).div_(k**0.5).requires_grad_()
+            b = torch.randn(adapters, n, 16, device=device, generator=g).mul_(0.01).requires_grad_()
+            x = torch.randn(m, k, device=device, generator=g).to(dtype).requires_grad_()
+            grad_y = torch.randn(m, n, device=device, generator=g).to(dtype)
+            index = (torch.arange(seqs, device=device) % adapters).repeat_interleave(m // seqs)
+            grouping = fastlora.group_rows(index, adapters, (m,))
+            with torch.no_grad():
+                with fastlora.use_backend(backend):
+                    got = fastlora.lora_linear_multi(x, w, None, a, b, 2.0, grouping).float()
+                with fastlora.use_backend("torch"):
+                    want = fastlora.lora_linear_multi(x, w, None, a, b, 2.0, grouping).float()
+            row["check_rel_err"] = ((got - want).abs().max() / want.abs().max()).item()
+            if not row["check_rel_err"] < 2e-2:
+                raise AssertionError(f"mixed batch off the torch backend's by {row['check_rel_err']:.3g}")
+
+            def multi(backward: bool):
+                with fastlora.use_backend(backend):
+                    y = fastlora.lora_linear_multi(x, w, None, a, b, 2.0, grouping)
+                    if backward:
+                        y.backward(grad_y)
+
+            def single(backward: bool):
+                with fastlora.use_backend(backend):
+                    y = fastlora.lora_linear(x, w, None, a[0], b[0], 2.0)
+                    if backward:
+                        y.backward(grad_y)
+
+            if m >= 1024:
+                variants = {"multi_fwd_ms": lambda: multi(False), "single_fwd_ms": lambda: single(False),
+                            "multi_fwd_bwd_ms": lambda: multi(True), "single_fwd_bwd_ms": lambda: single(True)}  # fmt: skip
+            else:
+                from fastlora.bench_multi import _peft_layer
+
+                peft = _peft_layer(k, n, 16, adapters).to(device=device, dtype=dtype).eval()
+                names = [f"task{i}" for i in index.tolist()]
+                x_peft = x.detach()
+
+                def peft_loop():
+                    with torch.no_grad():
+                        peft(x_peft, adapter_names=names)
+
+                variants = {"multi_fwd_ms": lambda: multi(False), "peft_fwd_ms": peft_loop}
+            times: dict[str, list[float]] = {key: [] for key in variants}
+            for _ in range(rounds):
+                for key, fn in variants.items():
+                    times[key].append(median_ms(fn, device, [x, a, b]))
+            row.update({key: sorted(v)[len(v) // 2] for key, v in times.items()})
+            if "single_fwd_ms" in row:
+                row["fwd_vs_single"] = row["multi_fwd_ms"] / row["single_fwd_ms"]
+                row["fwd_bwd_vs_single"] = row["multi_fwd_bwd_ms"] / row["single_fwd_bwd_ms"]
+            else:
+                row["speedup_vs_peft"] = row["peft_fwd_ms"] / row["multi_fwd_ms"]
+        except Exception as err:
+            row["error"] = f"{type(err).__name__}: {err}"[:500]
+    return rows
+
+
 def _ratios(rows: list[dict]) -> list[dict]:
     """Per grid point: the fused backend's ratios to the floor and to PEFT, and the targets that apply."""
     out = []
@@ -366,6 +440,20 @@ def to_markdown(result: dict) -> str:
                 continue
             lines.append(f"| {q['layer']} | {q['m']} | {q['backend']} | {q['fastlora_ms']:.3f} | {q['bare_ms']:.3f} | "
                          f"{q['vs_bare']:.3f} | {f(q.get('peft_bnb_ms'), '.3f')} | {f(q.get('speedup_vs_peft'), '.2f')} |")  # fmt: skip
+    multi = result.get("multi", [])
+    if multi:
+        lines += ["", "Mixed-adapter batches (lora_linear_multi): 4096 rows against the single-adapter fused op "
+                  "(targets <= 1.10x forward, <= 1.15x forward+backward); decode against PEFT's adapter_names loop "
+                  "(target >= 3x faster).", "",
+                  "| rows | adapters | backend | multi fwd ms | vs single fwd | vs single fwd+bwd | PEFT fwd ms | "
+                  "speed-up over PEFT |", "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+        for q in multi:
+            if "error" in q:
+                lines.append(f"| {q['rows']} | {q['adapters']} | {q['backend']} | FAILED {q['error']} | | | | |")
+                continue
+            lines.append(f"| {q['rows']} | {q['adapters']} | {q['backend']} | {q['multi_fwd_ms']:.3f} | "
+                         f"{f(q.get('fwd_vs_single'), '.3f')} | {f(q.get('fwd_bwd_vs_single'), '.3f')} | "
+                         f"{f(q.get('peft_fwd_ms'), '.3f')} | {f(q.get('speedup_vs_peft'), '.2f')} |")  # fmt: skip
     for g in result.get("graph_capture", []):
         lines.append(f"- {g['case']}: " + (g["skipped"] if "skipped" in g else "same as eager" if g["ok"] else "FAILED " + g["error"]))
     lines += ["", "| layer | p | variant | fwd / floor | fwd+bwd / floor (target) | speed-up over PEFT, fwd+bwd (target) |",
@@ -395,6 +483,7 @@ def main(argv: list[str] | None = None) -> int:
         result["main_loop_gap"] = main_loop_gap(device, backends, args.quick, rounds=1 if args.quick else 3)
         result["graph_capture"] = graph_capture(device, backends)
         result["qlora"] = qlora_timings(device, backends, args.quick, rounds=1 if args.quick else 3)
+        result["multi"] = multi_timings(device, backends, args.quick, rounds=1 if args.quick else 3)
     except Exception:
         result["crash"] = traceback.format_exc()
         result.setdefault("numerics", [])
@@ -403,6 +492,7 @@ def main(argv: list[str] | None = None) -> int:
         result.setdefault("main_loop_gap", [])
         result.setdefault("graph_capture", [])
         result.setdefault("qlora", [])
+        result.setdefault("multi", [])
     result["seconds"] = time.time() - start
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "gpu_check.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
@@ -412,7 +502,8 @@ def main(argv: list[str] | None = None) -> int:
         print(result["crash"], file=sys.stderr)
     print(table)
     failed = (not all(c["ok"] for c in result["numerics"]) or any("error" in g for g in result["main_loop_gap"])
-              or any("error" in g for g in result["graph_capture"]) or any("error" in g for g in result["qlora"]))  # fmt: skip
+              or any("error" in g for g in result["graph_capture"]) or any("error" in g for g in result["qlora"])
+              or any("error" in g for g in result["multi"]))  # fmt: skip
     return 1 if "crash" in result or failed else 0
 
 

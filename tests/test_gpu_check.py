@@ -25,6 +25,8 @@ def test_gpu_check_quick(tmp_path):
     if "triton" in result["backends"]:
         assert [g["gemm"] for g in gap] == ["Y = x·Wᵀ", "dX = G·W"]
         assert all(g["ratio"] > 0 and g["main_loop"] in ("TMA", "pointers") for g in gap), gap
+    multi = result["multi"]  # mixed-adapter batches: checked against the torch backend, then timed
+    assert multi and all("multi_fwd_ms" in r and r["speedup_vs_peft"] > 0 for r in multi), multi
     capture = result["graph_capture"]  # a GPU-only part: off a GPU, one row says it was not run and why
     assert capture and all("skipped" in g or g["ok"] for g in capture), capture
     assert proc.stdout.rstrip().splitlines()[-1].startswith("Targets:")  # the table comes last
