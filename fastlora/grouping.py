@@ -23,6 +23,10 @@ __all__ = ["RowGrouping", "group_rows"]
 # cost 3.1x the base layer run by run and 2.3x gathered; 8 sequences of 64 rows, 1.2x in place.
 _RUNS_PER_ADAPTER = 1
 _RUNS_ANYWAY = 4
+# One adapter per sample of (B, T, K) x with at least this many rows a sample: the LoRA terms run batched over
+# the samples (each sample's adapter gathered, B·r·(K + N) elements: small next to x at T >= 16), a fixed
+# number of calls whatever the number of adapters.
+_PER_SAMPLE_MIN_ROWS = 16
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -38,6 +42,8 @@ class RowGrouping:
         segments: (start, stop, adapter) host triples covering [0, M) in that working order: each a run of
             rows of one adapter (−1 = base only).
         num_adapters: n.
+        sample_index: (B,) int64, each sample's adapter, when the index was given per sample (shape
+            ``rows_shape[:1]``) and samples have at least 16 rows; else None.
     """
 
     rows_shape: tuple[int, ...]
@@ -45,6 +51,7 @@ class RowGrouping:
     order: torch.Tensor | None
     segments: tuple[tuple[int, int, int], ...]
     num_adapters: int
+    sample_index: torch.Tensor | None = None
 
     @property
     def num_rows(self) -> int:
@@ -91,6 +98,10 @@ def group_rows(adapter_index: torch.Tensor, num_adapters: int, rows_shape: tuple
     if adapter_index.dtype.is_floating_point or adapter_index.dtype.is_complex or adapter_index.dtype == torch.bool:
         raise TypeError(f"adapter_index: expected an integer dtype, got {adapter_index.dtype}")
     index = _expand(adapter_index, rows_shape).reshape(-1).to(torch.int64)
+    sample_index = None
+    if len(rows_shape) >= 2 and tuple(adapter_index.shape) == rows_shape[:1] and rows_shape[0] > 0:
+        if index.numel() // rows_shape[0] >= _PER_SAMPLE_MIN_ROWS:
+            sample_index = adapter_index.to(torch.int64)
     if index.numel():
         low, high = int(index.min()), int(index.max())
         if low < -1 or high >= num_adapters:
@@ -107,7 +118,7 @@ def group_rows(adapter_index: torch.Tensor, num_adapters: int, rows_shape: tuple
     if len(run_starts) <= _RUNS_PER_ADAPTER * distinct + _RUNS_ANYWAY:
         bounds = [*run_starts, m]
         segments = tuple((bounds[i], bounds[i + 1], run_adapters[i]) for i in range(len(run_starts)))
-        return RowGrouping(rows_shape, index, None, segments, num_adapters)
+        return RowGrouping(rows_shape, index, None, segments, num_adapters, sample_index)
     counts = torch.bincount(index + 1, minlength=num_adapters + 1).tolist()
     segments, start = [], 0
     for adapter, count in enumerate(counts, start=-1):
@@ -115,4 +126,4 @@ def group_rows(adapter_index: torch.Tensor, num_adapters: int, rows_shape: tuple
             segments.append((start, start + count, adapter))
             start += count
     order = torch.sort(index, stable=True).indices
-    return RowGrouping(rows_shape, index, order, tuple(segments), num_adapters)
+    return RowGrouping(rows_shape, index, order, tuple(segments), num_adapters, sample_index)

@@ -237,3 +237,16 @@ def test_triton_asked_by_name_refuses_two_dropout_probabilities():
         fastlora.lora_linear_multi(x, w, None, a, b, 1.0, index, [0.1, 0.2])
     with fastlora.use_backend("triton"):  # in eval mode nothing drops: the kernels take it
         fastlora.lora_linear_multi(x, w, None, a, b, 1.0, index, [0.1, 0.2], training=False)
+
+
+@pytest.mark.parametrize("ps", [[0.0, 0.0, 0.0], [0.3, 0.0, 0.2]], ids=["no_dropout", "dropout"])
+@pytest.mark.parametrize("layout_kind", ["contiguous", "strided"])
+def test_one_adapter_per_sample_runs_batched(ps, layout_kind):
+    """An index per sample of (B, T, K) x with T >= 16: the torch backend runs the LoRA terms as batched GEMMs
+    over the samples (two samples share adapter 1, one runs the base alone, ranks differ)."""
+    index = torch.tensor([1, -1, 0, 1, 2])
+    grouping = fastlora.group_rows(index, 3, (5, 17))
+    assert grouping.sample_index is not None
+    assert fastlora.group_rows(index, 3, (5, 15)).sample_index is None  # short samples: segments
+    check_multi(_case((5, 17), 24, 18, 3, 6, index, ranks=[6, 2, 4], ps=ps), torch.float32, layout_kind=layout_kind,
+                grouping=grouping)  # fmt: skip

@@ -306,6 +306,9 @@ class TorchBackend:
         x2 = x.reshape(-1, in_features)
         dtype = x.dtype
         a_all, b_all = lora_A.to(dtype), lora_B.to(dtype)  # n·r·(K + N) elements: small next to x
+        if grouping.sample_index is not None:
+            return self._forward_per_sample(x, x2, weight, bias, a_all, b_all, scalings, dropout_ps, ranks, grouping,
+                                            seed)  # fmt: skip
         order = grouping.order
         xs = x2 if order is None else x2.index_select(0, order)
         y = torch.empty((*x.shape[:-1], out_features), dtype=dtype, device=x.device)
@@ -347,6 +350,13 @@ class TorchBackend:
         x2, g = x.reshape(-1, in_features), grad_y.reshape(-1, out_features)
         dtype = x.dtype
         a_all, b_all = lora_A.to(dtype), lora_B.to(dtype)
+        if grouping.sample_index is not None:
+            grad_x, grad_a, grad_b = self._backward_per_sample(g, x2, weight, a_all, b_all, shrink, scalings,
+                                                               dropout_ps, ranks, grouping, seed, needs)  # fmt: skip
+            return (grad_x if grad_x is None else grad_x.view(x.shape),
+                    grad_a if grad_a is None else grad_a.to(lora_A.dtype),
+                    grad_b if grad_b is None else grad_b.to(lora_B.dtype),
+                    torch.mm(g.t(), x2) if need_w else None, g.sum(0) if need_bias else None)  # fmt: skip
         order = grouping.order
         gs = g if order is None else g.index_select(0, order)
         xs = None
@@ -385,6 +395,64 @@ class TorchBackend:
         grad_w = torch.mm(g.t(), x2) if need_w else None
         grad_bias = g.sum(0) if need_bias else None
         return grad_x, grad_a, grad_b, grad_w, grad_bias
+
+
+    @staticmethod
+    def _per_sample(grouping, a_all, b_all, scalings, dropout_ps, ranks):
+        """Each sample's adapter: A_s (B, r_max, K), B_s (B, N, r_max), its lanes within rank (B, 1, r_max) as
+        0/1, and (B, 1, 1) its s (0 for base-only samples) and 1/(1 − p)."""
+        device, dtype, r_max = a_all.device, a_all.dtype, a_all.shape[1]
+        sample = grouping.sample_index
+        slot = sample.clamp_min(0)  # base-only samples take adapter 0's weights, times a coefficient of 0
+        table = torch.tensor([[*scalings, 0.0], [*(1.0 / (1.0 - p) for p in dropout_ps), 1.0]], dtype=dtype,
+                             device=device)[:, sample]  # index −1 reads the trailing column  # fmt: skip
+        lanes = torch.arange(r_max, device=device)[None, :] < torch.tensor([*ranks, 0], device=device)[sample][:, None]
+        return (a_all.index_select(0, slot), b_all.index_select(0, slot), lanes.to(dtype)[:, None, :],
+                table[0][:, None, None], table[1][:, None, None])
+
+    def _forward_per_sample(self, x, x2, weight, bias, a_all, b_all, scalings, dropout_ps, ranks, grouping, seed):
+        """forward_multi for one adapter per sample of (B, T, K) x: the LoRA terms as batched GEMMs over the
+        samples (S = x̂_b·A_bᵀ, then b + s_b·S·B_bᵀ seeding y), then the base GEMM over all rows."""
+        samples, in_features, out_features, r_max = grouping.sample_index.shape[0], x2.shape[1], b_all.shape[1], a_all.shape[1]
+        a_s, b_s, lanes, coef, inv_keep = self._per_sample(grouping, a_all, b_all, scalings, dropout_ps, ranks)
+        keep = self._row_keep(seed, grouping, dropout_ps, in_features, x.device, x.dtype)
+        x_hat = x2 if keep is None else keep.mul_(x2)
+        s3 = torch.bmm(x_hat.reshape(samples, -1, in_features), a_s.transpose(1, 2)).mul_(lanes).mul_(inv_keep)
+        y = torch.empty((*x.shape[:-1], out_features), dtype=x.dtype, device=x.device)
+        y3 = y.view(samples, -1, out_features)
+        b_t = b_s.transpose(1, 2)
+        if bias is None:
+            torch.bmm(s3 * coef, b_t, out=y3)
+        else:
+            torch.baddbmm(bias, s3 * coef, b_t, out=y3)
+        _add_base(y.view(-1, out_features), x2, weight)
+        return y, s3.view(-1, r_max)
+
+    def _backward_per_sample(self, g, x2, weight, a_all, b_all, shrink, scalings, dropout_ps, ranks, grouping, seed,
+                             needs):  # fmt: skip
+        """(dx (M, K), dA (n, r_max, K), dB (n, N, r_max)) in x's dtype for ``_forward_per_sample``: batched over
+        the samples, each sample's dA and dB added to its adapter's."""
+        need_x, need_a, need_b = needs[:3]
+        samples, in_features, out_features = grouping.sample_index.shape[0], x2.shape[1], g.shape[1]
+        a_s, b_s, lanes, coef, inv_keep = self._per_sample(grouping, a_all, b_all, scalings, dropout_ps, ranks)
+        slot = grouping.sample_index.clamp_min(0)
+        g3 = g.reshape(samples, -1, out_features)
+        d_s3 = torch.bmm(g3, b_s).mul_(lanes).mul_(coef * inv_keep)  # dS = s·G·B, 1/(1 − p) folded in
+        keep = self._row_keep(seed, grouping, dropout_ps, in_features, x2.device, x2.dtype)
+        grad_x = grad_a = grad_b = None
+        if need_b:  # dB_b = s_b·Gᵀ·S per sample, summed per adapter (base-only samples add zeros)
+            per_sample = torch.bmm(g3.transpose(1, 2), shrink.view(samples, -1, shrink.shape[1])).mul_(coef)
+            grad_b = torch.zeros_like(b_all).index_add_(0, slot, per_sample)
+        if need_x:
+            grad_x = torch.bmm(d_s3, a_s).view(-1, in_features)
+            if keep is not None:
+                grad_x.mul_(keep)
+            _add_base(grad_x, g, weight, grad=True)
+        if need_a:
+            x_hat = x2 if keep is None else keep.mul_(x2)
+            per_sample = torch.bmm(d_s3.transpose(1, 2), x_hat.reshape(samples, -1, in_features))
+            grad_a = torch.zeros_like(a_all).index_add_(0, slot, per_sample)
+        return grad_x, grad_a, grad_b
 
 
 BACKEND = TorchBackend()
