@@ -8,7 +8,7 @@ from collections.abc import Sequence
 
 import torch
 
-from fastlora.backends import AUTO, draw_seed, get_backend, resolve_backend, selected_backend_name
+from fastlora.backends import draw_seed, resolve_backend
 from fastlora.grouping import RowGrouping, group_rows
 from fastlora.nf4 import DTYPES as _NF4_DTYPES
 from fastlora.nf4 import NF4Weight
@@ -264,9 +264,7 @@ def lora_linear_multi(
 
     Returns:
         (..., N) in x's dtype. Gradients: dA (n, r_max, K) and dB (n, N, r_max) in the adapters' dtype, zero
-        for adapters without rows. The Triton backend draws one dropout probability per call: a batch whose
-        adapters have different ones runs on the torch backend under "auto" (quietly) and raises when
-        "triton" was asked for by name. Not traceable by ``torch.compile`` yet.
+        for adapters without rows. Not traceable by ``torch.compile`` yet.
     """
     scalings, dropout_ps, ranks = _check_multi(x, lora_A, lora_B, scaling, dropout_p, ranks, adapter_index)
     _check_args(x, weight, bias, lora_A[0], lora_B[0], scalings[0], dropout_ps[0], training, generator)
@@ -278,12 +276,6 @@ def lora_linear_multi(
     if torch.compiler.is_compiling():
         raise NotImplementedError("lora_linear_multi: torch.compile does not trace mixed-adapter batches yet")
     backend = resolve_backend(x.device, x.dtype)
-    why_not = getattr(backend, "multi_unsupported_reason", lambda ps, g: None)(dropout_ps, grouping)
-    if why_not is not None:
-        if selected_backend_name() != AUTO:
-            raise RuntimeError(f"fastlora backend {backend.name!r} was requested but cannot run this mixed-adapter "
-                               f"batch: {why_not}; use 'torch' or 'auto'")  # fmt: skip
-        backend = get_backend("torch")
     device_type = x.device.type
     if _autocast_enabled(device_type):
         dtype = torch.get_autocast_dtype(device_type)

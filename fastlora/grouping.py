@@ -52,10 +52,19 @@ class RowGrouping:
     segments: tuple[tuple[int, int, int], ...]
     num_adapters: int
     sample_index: torch.Tensor | None = None
+    # Device-side derived tensors (the Triton backend's sorted rows), computed once per grouping.
+    _derived: dict = dataclasses.field(default_factory=dict, repr=False, compare=False)
 
     @property
     def num_rows(self) -> int:
         return self.index.numel()
+
+    def device_sorted(self, build):
+        """``build(index, num_adapters)``, computed on first use and kept: every layer shares it."""
+        found = self._derived.get(build)
+        if found is None:
+            found = self._derived[build] = build(self.index, self.num_adapters)
+        return found
 
     @property
     def used(self) -> tuple[int, ...]:

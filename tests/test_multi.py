@@ -227,16 +227,9 @@ def test_bad_indices_and_arguments_name_the_argument():
         call(weight=torch.randn(6, 9))
 
 
-def test_triton_asked_by_name_refuses_two_dropout_probabilities():
-    if "triton" not in cpu_backends():
-        pytest.skip("the triton backend runs on the CPU only under TRITON_INTERPRET=1")
-    x, w, a, b = torch.randn(4, 8), torch.randn(6, 8), torch.randn(2, 3, 8), torch.randn(2, 6, 3)
-    index = torch.tensor([0, 1, -1, 0])
-    with fastlora.use_backend("triton"), pytest.raises(RuntimeError, match=r"'triton' .*one dropout probability per "
-                                                                           r"call, these adapters have \[0.1, 0.2\]"):
-        fastlora.lora_linear_multi(x, w, None, a, b, 1.0, index, [0.1, 0.2])
-    with fastlora.use_backend("triton"):  # in eval mode nothing drops: the kernels take it
-        fastlora.lora_linear_multi(x, w, None, a, b, 1.0, index, [0.1, 0.2], training=False)
+def test_dropout_per_adapter_on_every_backend(backend):
+    index = torch.randint(-1, 3, (30,), generator=torch.Generator().manual_seed(4))
+    check_multi(_case((30,), 48, 20, 3, 4, index, ps=[0.0, 0.3, 0.6]), torch.float32, backend=backend)
 
 
 @pytest.mark.parametrize("ps", [[0.0, 0.0, 0.0], [0.3, 0.0, 0.2]], ids=["no_dropout", "dropout"])

@@ -7,11 +7,10 @@ Backward: dS, dB = expand_bwd(G, B, S)      one pass over G
           dA = dSᵀ·x̂                        one pass over x, mask regenerated
           dW = Gᵀ·x, db = Σ G               only for full fine-tuning, with PyTorch's GEMM
 
-Mixed-adapter batches (``forward_multi``) run on the same kernels over the stacked adapters: the shrink for
-every adapter's lanes (S_all = x̂·[A_0; …; A_n−1]ᵀ, one pass over x), each row's own lanes kept (S_pad), and
-the fused GEMM with [s_0·B_0, …, s_n−1·B_n−1] as its B; backward likewise. Each row's other lanes cost
-arithmetic (n·r_max lanes instead of r: 3 % of the GEMM's at n·r = 128, K = N = 4096) but no extra pass over
-x, G or W, and no host sync. One dropout probability per call (the kernels' mask has one threshold).
+Mixed-adapter batches (``forward_multi``, kernels/lora_multi.py): the shrink per row with its own adapter,
+the forward and dX GEMMs with each row's term in their accumulators (a row block loops over the adapters
+it holds), dS per row, and dA, dB per adapter over the rows sorted by adapter on the device (no host sync,
+no atomics). Two passes over G (dS, then dB) where the single-adapter op makes one.
 
 Runs on CUDA GPUs of compute capability 8.0 or newer (bf16 tensor cores), and on the CPU only through the
 Triton interpreter (TRITON_INTERPRET=1), which is how CI checks its numerics.
@@ -25,6 +24,7 @@ from fastlora.kernels._launch import interpreting, unsupported_triton
 from fastlora.kernels.dropout import dropout_mask
 from fastlora.kernels.lora_expand import lora_expand_bwd
 from fastlora.kernels.lora_linear import lora_linear_bwd, lora_linear_fwd
+from fastlora.kernels.lora_multi import adapter_tables, lora_multi_ds, lora_multi_segment_sum, lora_multi_shrink, sorted_rows
 from fastlora.kernels.lora_shrink import lora_shrink_bwd, lora_shrink_fwd
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -79,48 +79,33 @@ class TritonBackend:
 
     # --- mixed-adapter batches ---------------------------------------------------------------------------
 
-    def multi_unsupported_reason(self, dropout_ps, grouping) -> str | None:
-        """None when ``forward_multi`` takes these adapters' dropout, else why not."""
-        ps = sorted({dropout_ps[a] for a in grouping.used})
-        if len(ps) > 1:
-            return f"the kernels draw one dropout probability per call, these adapters have {ps}"
-        return None
-
     @staticmethod
-    def _common_p(dropout_ps, grouping) -> float:
-        return next((dropout_ps[a] for a in grouping.used), 0.0)
-
-    @staticmethod
-    def _stacked(lora_A, lora_B, scalings, ranks, grouping, dtype):
-        """(A_cat (n·r_max, K) a view, B_cat (N, n·r_max) = [s_a·B_a] a copy, own (M, n·r_max) 0/1 in ``dtype``:
-        each row's own adapter lanes within its rank)."""
-        n, r_max, k = lora_A.shape
-        device = lora_A.device
-        scale = torch.tensor(scalings, dtype=lora_B.dtype, device=device)
-        b_cat = (lora_B * scale[:, None, None]).permute(1, 0, 2).reshape(lora_B.shape[1], n * r_max)
-        lane_ok = torch.arange(r_max, device=device)[None, :] < torch.tensor(ranks, device=device)[:, None]
-        own = (grouping.index[:, None, None] == torch.arange(n, device=device)[None, :, None]) & lane_ok[None]
-        return lora_A.reshape(n * r_max, k), b_cat, own.view(-1, n * r_max).to(dtype)
+    def _multi_args(x, scalings, dropout_ps, ranks, grouping):
+        tables = adapter_tables(tuple(scalings), tuple(dropout_ps), tuple(ranks), x.device)
+        return (grouping.index, tables), any(dropout_ps[a] > 0.0 for a in grouping.used)
 
     def multi_keep_mask(self, seed, grouping, dropout_ps, in_features, device) -> torch.Tensor:
-        """The boolean keep-mask (M, K) ``forward_multi`` used, rows in x's order (base-only rows all kept)."""
-        p = self._common_p(dropout_ps, grouping)
+        """The boolean keep-mask (M, K) ``forward_multi`` used, rows in x's order (base-only rows all kept):
+        row m kept where the kernels' Philox draw passes its adapter's threshold."""
         m = grouping.num_rows
-        if p == 0.0 or seed is None:
-            return torch.ones((m, in_features), dtype=torch.bool, device=device)
-        mask = dropout_mask(seed, (m, in_features), p, device)
-        return mask | (grouping.index < 0)[:, None]
+        mask = torch.ones((m, in_features), dtype=torch.bool, device=device)
+        if seed is None:
+            return mask
+        for a in grouping.used:
+            if dropout_ps[a] > 0.0:
+                rows = grouping.index == a
+                mask[rows] = dropout_mask(seed, (m, in_features), dropout_ps[a], device)[rows]
+        return mask
 
     def forward_multi(self, x, weight, bias, lora_A, lora_B, scalings, dropout_ps, ranks, grouping, seed,
                       want_shrink=True):  # fmt: skip
-        """As the torch backend's ``forward_multi``; S comes back as (M, n·r_max), each row's own lanes."""
+        """As the torch backend's ``forward_multi``: S (M, R) in x's row order, each row's own adapter."""
         k, n_out = x.shape[-1], lora_B.shape[1]
         x2 = x.reshape(-1, k)
-        p = self._common_p(dropout_ps, grouping)
-        a_cat, b_cat, own = self._stacked(lora_A, lora_B, scalings, ranks, grouping, x.dtype)
-        s_pad = lora_shrink_fwd(x2, a_cat, p, seed).mul_(own)
-        y = lora_linear_fwd(x2, weight, bias, s_pad, b_cat, 1.0)
-        return y.view(*x.shape[:-1], n_out), s_pad
+        multi, dropout = self._multi_args(x, scalings, dropout_ps, ranks, grouping)
+        shrink = lora_multi_shrink(x2, lora_A, multi[0], multi[1], seed, dropout)
+        y = lora_linear_fwd(x2, weight, bias, shrink, lora_B, 1.0, multi=multi)
+        return y.view(*x.shape[:-1], n_out), shrink
 
     def backward_multi(self, grad_y, x, weight, lora_A, lora_B, shrink, scalings, dropout_ps, ranks, grouping,
                        seed, needs):  # fmt: skip
@@ -128,16 +113,20 @@ class TritonBackend:
         n, r_max, k = lora_A.shape
         n_out = lora_B.shape[1]
         g, x2 = grad_y.reshape(-1, n_out), x.reshape(-1, k)
-        p = self._common_p(dropout_ps, grouping)
-        a_cat, b_cat, own = self._stacked(lora_A, lora_B, scalings, ranks, grouping, x.dtype)
-        d_all, d_b_cat = lora_expand_bwd(g, b_cat, shrink, 1.0)
-        d_shrink = d_all.mul_(own)  # the gradient of the rows' own lanes only
-        grad_b = None
-        if need_b:  # B_cat = s_a·B_a: dB_a = s_a·dB_cat's lanes of a
-            scale = torch.tensor(scalings, dtype=torch.float32, device=x.device)
-            grad_b = d_b_cat.view(n_out, n, r_max).permute(1, 0, 2).float().mul_(scale[:, None, None]).to(lora_B.dtype)
-        grad_x = lora_linear_bwd(g, weight, d_shrink, a_cat, p, seed).view(x.shape) if need_x else None
-        grad_a = lora_shrink_bwd(x2, d_shrink, a_cat, p, seed).view(n, r_max, k) if need_a else None
+        multi, dropout = self._multi_args(x, scalings, dropout_ps, ranks, grouping)
+        index, tables = multi
+        d_shrink = lora_multi_ds(g, lora_B, index, tables)  # s_a·G·B_a, fp32
+        order, offsets = grouping.device_sorted(sorted_rows)
+        grad_b = grad_a = None
+        if need_b:  # dB_a = s_a·Σ Gᵀ·S over adapter a's rows
+            out = torch.zeros((n, n_out, r_max), dtype=torch.float32, device=x.device)
+            grad_b = lora_multi_segment_sum(g, shrink, order, offsets, tables, tables.scale, out, False).to(lora_B.dtype)
+        grad_x = lora_linear_bwd(g, weight, d_shrink, lora_A, 1.0 if dropout else 0.0, seed, multi=multi) if need_x else None
+        if need_a:  # dA_a = Σ dSᵀ·x̂ over adapter a's rows, x̂ = x ⊙ m_a / (1 − p_a)
+            out = torch.zeros((n, r_max, k), dtype=torch.float32, device=x.device)
+            grad_a = lora_multi_segment_sum(x2, d_shrink, order, offsets, tables, tables.inv_keep, out, True, seed,
+                                            dropout).to(lora_A.dtype)  # fmt: skip
+        grad_x = grad_x if grad_x is None else grad_x.view(x.shape)
         grad_w = torch.mm(g.t(), x2) if need_w else None
         grad_bias = g.sum(0) if need_bias else None
         return grad_x, grad_a, grad_b, grad_w, grad_bias

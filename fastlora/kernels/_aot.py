@@ -22,7 +22,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from fastlora.kernels import lora_expand, lora_linear, lora_shrink, weight_tile
+from fastlora.kernels import lora_expand, lora_linear, lora_multi, lora_shrink, weight_tile
 from fastlora.kernels._launch import Tunable
 
 __all__ = ["Variant", "Report", "variants", "compile_variant", "SHARED_MEMORY_LIMIT"]
@@ -34,7 +34,12 @@ _ITEMSIZE = {"float16": 2, "bfloat16": 2, "float32": 4}
 _DATA_POINTERS = {"x_ptr", "w_ptr", "bias_ptr", "g_ptr", "s_ptr", "y_ptr", "dx_ptr"}
 _WEIGHT_TILE_POINTERS = ("w_ptr", "absmax_ptr", "absmax_code_ptr", "absmax_scale_ptr", "absmax_offset_ptr", "nf4_ptr")
 _ADAPTER_POINTERS = {"a_ptr", "b_ptr"}
-_FP32_POINTERS = {"ds_ptr", "db_ptr", "da_ptr"}  # d_shrink and the split-reduction partials
+_FP32_POINTERS = {"ds_ptr", "db_ptr", "da_ptr", "out_ptr"}  # d_shrink and the reductions' fp32 outputs
+# Mixed-adapter batches: each row's adapter, the per-adapter tables (kernels/lora_multi.py), sorted rows.
+_MULTI_POINTERS = {"idx_ptr": "*i64", "rank_ptr": "*i32", "scale_ptr": "*fp32", "thr_ptr": "*i64",
+                   "inv_ptr": "*fp32", "coef_ptr": "*fp32", "order_ptr": "*i64", "offsets_ptr": "*i64"}  # fmt: skip
+# The segment sums' operands: x or G on the left, S or dS on the right (typed as the data).
+_SEGMENT_POINTERS = {"l_ptr", "r_ptr"}
 
 
 @dataclass(frozen=True)
@@ -115,6 +120,10 @@ def _signature(kernel, dtype: str, adapter_dtype: str, boxes: dict[str, list[int
             sig[name] = "constexpr"
         elif name in weight:
             sig[name] = weight[name]
+        elif name in _MULTI_POINTERS:
+            sig[name] = _MULTI_POINTERS[name]
+        elif name in _SEGMENT_POINTERS:
+            sig[name] = "*" + _TRITON_TYPES[dtype]
         elif name in boxes:  # what the JIT makes of a host-side TensorDescriptor
             sig[name] = f"tensordesc<{_TRITON_TYPES[dtype]}{boxes[name]}>"
         elif name in _DATA_POINTERS:
@@ -138,8 +147,12 @@ def _signature(kernel, dtype: str, adapter_dtype: str, boxes: dict[str, list[int
 # The pointer GEMMs three times: with a dense W, and with an NF4 W dequantised in their main loop, element by
 # element and (rows of whole blocks) by row tiles. Blocks of 64, bitsandbytes' default: the block size
 # changes only shifts.
-_DENSE = {"WEIGHT_FORMAT": [weight_tile.DENSE], "QBLOCK": [1], "DOUBLE_QUANT": [False], "NF4_ROWS": [False]}
-_NF4 = {"WEIGHT_FORMAT": [weight_tile.NF4], "QBLOCK": [64], "DOUBLE_QUANT": [False, True], "NF4_ROWS": [False]}
+# MULTI (a mixed-adapter batch's prologue, kernels/lora_multi.py) last: its loop over a block's adapters is
+# the heavier prologue.
+_DENSE = {"WEIGHT_FORMAT": [weight_tile.DENSE], "QBLOCK": [1], "DOUBLE_QUANT": [False], "NF4_ROWS": [False],
+          "MULTI": [False, True]}  # fmt: skip
+_NF4 = {"WEIGHT_FORMAT": [weight_tile.NF4], "QBLOCK": [64], "DOUBLE_QUANT": [False, True], "NF4_ROWS": [False],
+        "MULTI": [False, True]}  # fmt: skip
 _NF4_ROWS = {**_NF4, "NF4_ROWS": [True]}
 _KERNELS = [
     (lora_linear._FWD, {"HAS_BIAS": [False, True], **_DENSE, "BLOCK_R": [lora_linear.PROLOGUE_BLOCK_R]}, True),
@@ -153,6 +166,9 @@ _KERNELS = [
     (lora_shrink._FWD, {"DROPOUT": [False, True], "BLOCK_R": [16, 32, lora_shrink.FWD_MAX_BLOCK_R]}, False),
     (lora_shrink._BWD, {"DROPOUT": [False, True], "BLOCK_R": [16, 32, 64, 128, 256]}, False),
     (lora_expand._BWD, {"BLOCK_R": [16, 32, 64, 128, 256]}, False),
+    (lora_multi._SHRINK, {"DROPOUT": [False, True], "BLOCK_R": [16, 32, lora_multi.MAX_BLOCK_R]}, False),
+    (lora_multi._DS, {"BLOCK_R": [16, 32, lora_multi.MAX_BLOCK_R]}, False),
+    (lora_multi._SEGMENT, {"DROPOUT": [False, True], "BLOCK_R": [16, 32, 64, 128, 256]}, False),
 ]
 
 

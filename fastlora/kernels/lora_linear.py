@@ -28,6 +28,7 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 from fastlora.kernels import _launch
 from fastlora.kernels._launch import Tunable, cdiv, dot_precision, triton_version
 from fastlora.kernels.dropout import keep, keep_threshold, seed_pointer
+from fastlora.kernels.lora_multi import bwd_prologue_multi, fwd_prologue_multi, no_multi
 from fastlora.kernels.weight_tile import NF4, load_nf4_rows, load_w_tile, weight_args
 
 __all__ = ["lora_linear_fwd", "lora_linear_bwd", "uses_tma"]
@@ -107,21 +108,28 @@ def _epilogue(acc, out_ptr, bias_ptr, rm, rn, M, N, stride_om, stride_on, HAS_BI
 @triton.jit
 def _lora_linear_fwd_kernel(
     x_ptr, w_ptr, absmax_ptr, absmax_code_ptr, absmax_scale_ptr, absmax_offset_ptr, nf4_ptr,
-    bias_ptr, s_ptr, b_ptr, y_ptr,
+    bias_ptr, s_ptr, b_ptr, y_ptr, idx_ptr, rank_ptr, scale_ptr,
     M, N, K, R, scaling,
-    stride_xm, stride_xk, stride_wn, stride_wk, stride_sm, stride_sr, stride_bn, stride_br, stride_ym, stride_yn,
+    stride_xm, stride_xk, stride_wn, stride_wk, stride_sm, stride_sr, stride_ba, stride_bn, stride_br,
+    stride_ym, stride_yn,
     HAS_BIAS: tl.constexpr, WEIGHT_FORMAT: tl.constexpr, QBLOCK: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
-    NF4_ROWS: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_R: tl.constexpr,
+    NF4_ROWS: tl.constexpr, MULTI: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_R: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):  # fmt: skip
-    """Y tile (BLOCK_M × BLOCK_N); W dense or NF4 (weight_tile.load_w_tile)."""
+    """Y tile (BLOCK_M × BLOCK_N); W dense or NF4 (weight_tile.load_w_tile); one adapter, or with MULTI each
+    row's own (kernels/lora_multi.py: B stacked (n, N, R), the row's adapter in idx)."""
     pid_m, pid_n = _grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rm64 = rm.to(tl.int64)
     rn64 = rn.to(tl.int64)
-    acc = _fwd_prologue(s_ptr, b_ptr, rm, rn, M, N, R, scaling, stride_sm, stride_sr, stride_bn, stride_br,
-                        x_ptr.dtype.element_ty, DOT_PRECISION, BLOCK_R, BLOCK_M, BLOCK_N, None)  # fmt: skip
+    if MULTI:
+        acc = fwd_prologue_multi(s_ptr, b_ptr, idx_ptr, rank_ptr, scale_ptr, rm, rn, M, N, stride_sm, stride_sr,
+                                 stride_ba, stride_bn, stride_br, x_ptr.dtype.element_ty, DOT_PRECISION, BLOCK_R,
+                                 BLOCK_M, BLOCK_N)  # fmt: skip
+    else:
+        acc = _fwd_prologue(s_ptr, b_ptr, rm, rn, M, N, R, scaling, stride_sm, stride_sr, stride_bn, stride_br,
+                            x_ptr.dtype.element_ty, DOT_PRECISION, BLOCK_R, BLOCK_M, BLOCK_N, None)  # fmt: skip
     for k0 in range(0, K, BLOCK_K):  # + x·Wᵀ on top
         rk = k0 + tl.arange(0, BLOCK_K)
         x = tl.load(x_ptr + rm64[:, None] * stride_xm + rk[None, :] * stride_xk,
@@ -140,23 +148,29 @@ def _lora_linear_fwd_kernel(
 @triton.jit
 def _lora_linear_bwd_kernel(
     g_ptr, w_ptr, absmax_ptr, absmax_code_ptr, absmax_scale_ptr, absmax_offset_ptr, nf4_ptr,
-    ds_ptr, a_ptr, dx_ptr, seed_ptr,
+    ds_ptr, a_ptr, dx_ptr, seed_ptr, idx_ptr, rank_ptr, thr_ptr, inv_ptr,
     M, N, K, R, threshold, inv_keep,
-    stride_gm, stride_gn, stride_wn, stride_wk, stride_dsm, stride_dsr, stride_ar, stride_ak,
+    stride_gm, stride_gn, stride_wn, stride_wk, stride_dsm, stride_dsr, stride_aa, stride_ar, stride_ak,
     stride_dxm, stride_dxk,
     DROPOUT: tl.constexpr, WEIGHT_FORMAT: tl.constexpr, QBLOCK: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
-    NF4_ROWS: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_R: tl.constexpr,
+    NF4_ROWS: tl.constexpr, MULTI: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_R: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):  # fmt: skip
-    """dX tile (BLOCK_M × BLOCK_K); the reduction runs over N in steps of BLOCK_N; W dense or NF4."""
+    """dX tile (BLOCK_M × BLOCK_K); the reduction runs over N in steps of BLOCK_N; W dense or NF4; one
+    adapter, or with MULTI each row's own (A stacked (n, R, K), per-adapter dropout)."""
     pid_m, pid_k = _grouped_tile(tl.program_id(0), M, K, BLOCK_M, BLOCK_K, GROUP_M)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rk = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
     rm64 = rm.to(tl.int64)
     rk64 = rk.to(tl.int64)
-    acc = _bwd_prologue(ds_ptr, a_ptr, seed_ptr, rm, rk, pid_k * BLOCK_K, M, K, R, threshold, inv_keep,
-                        stride_dsm, stride_dsr, stride_ar, stride_ak, g_ptr.dtype.element_ty, DROPOUT,
-                        DOT_PRECISION, BLOCK_R, BLOCK_M, BLOCK_K, None)  # fmt: skip
+    if MULTI:
+        acc = bwd_prologue_multi(ds_ptr, a_ptr, idx_ptr, rank_ptr, thr_ptr, inv_ptr, seed_ptr, rm, rk,
+                                 pid_k * BLOCK_K, M, K, stride_dsm, stride_dsr, stride_aa, stride_ar, stride_ak,
+                                 g_ptr.dtype.element_ty, DROPOUT, DOT_PRECISION, BLOCK_R, BLOCK_M, BLOCK_K)  # fmt: skip
+    else:
+        acc = _bwd_prologue(ds_ptr, a_ptr, seed_ptr, rm, rk, pid_k * BLOCK_K, M, K, R, threshold, inv_keep,
+                            stride_dsm, stride_dsr, stride_ar, stride_ak, g_ptr.dtype.element_ty, DROPOUT,
+                            DOT_PRECISION, BLOCK_R, BLOCK_M, BLOCK_K, None)  # fmt: skip
     for n0 in range(0, N, BLOCK_N):  # + G·W on top
         rn = n0 + tl.arange(0, BLOCK_N)
         rn64 = rn.to(tl.int64)
@@ -364,15 +378,30 @@ def _nf4_configs(flags: dict, arch: int) -> list[triton.Config]:
     return configs if arch >= 90 else configs[2:]
 
 
+def _multi_fit(configs: list[triton.Config], flags: dict, arch: int, itemsize: int, out_cols: str) -> list[triton.Config]:
+    """A mixed-adapter batch's prologue (MULTI) keeps the block's adapter indices and the loop over them live
+    beside the accumulator: at most 64 accumulator values a thread on sm_90 with 16-bit inputs, 32 with fp32
+    inputs and on sm_80 (more spill 8 to 32 bytes: 64 × 256 dX tiles on 4 warps on sm_90, Triton 3.9; 64 × 128
+    fp32 tiles on 4 warps, 3.4; 128 × 64 on 4 warps on sm_80, 3.9). With an NF4 weight, no 16-row decode tile
+    (8 bytes on sm_90 with Triton 3.4, on sm_80 with 3.9) and no 128-row tile for fp32 inputs (8 bytes, 3.4)."""
+    if not flags.get("MULTI"):
+        return configs
+    most = 64 if arch >= 90 and itemsize <= 2 else 32
+    nf4 = flags["WEIGHT_FORMAT"] == NF4
+    return [c for c in configs if _per_thread(c, "BLOCK_M", out_cols) <= most
+            and not (nf4 and (c.kwargs["BLOCK_M"] < 64 or (itemsize == 4 and c.kwargs["BLOCK_M"] >= 128)))]  # fmt: skip
+
+
 def _fwd_configs(flags: dict, arch: int, itemsize: int) -> list[triton.Config]:
-    return _fwd_fit(_nf4_configs(flags, arch) if flags["WEIGHT_FORMAT"] == NF4 else _FWD_CONFIGS, arch, itemsize)
+    configs = _fwd_fit(_nf4_configs(flags, arch) if flags["WEIGHT_FORMAT"] == NF4 else _FWD_CONFIGS, arch, itemsize)
+    return _multi_fit(configs, flags, arch, itemsize, "BLOCK_N")
 
 
 def _bwd_configs(flags: dict, arch: int, itemsize: int) -> list[triton.Config]:
     configs = _nf4_configs(flags, arch) if flags["WEIGHT_FORMAT"] == NF4 else _FWD_CONFIGS
     swapped = [_cfg(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_K"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages,
                     c.kwargs["GROUP_M"]) for c in configs]  # fmt: skip
-    return _bwd_fit(swapped, flags, arch, itemsize)
+    return _multi_fit(_bwd_fit(swapped, flags, arch, itemsize), flags, arch, itemsize, "BLOCK_K")
 
 
 def _fwd_tma_configs(flags: dict, arch: int, itemsize: int) -> list[triton.Config]:
@@ -465,24 +494,27 @@ def _descriptors(boxes: Callable[[dict], dict[str, list[int]]], **tensors: torch
 
 
 def lora_linear_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, shrink: torch.Tensor,
-                    lora_B: torch.Tensor, scaling: float) -> torch.Tensor:  # fmt: skip
+                    lora_B: torch.Tensor, scaling: float, multi: tuple | None = None) -> torch.Tensor:  # fmt: skip
     """Y = x·Wᵀ + b + s·S·Bᵀ, stored once.
 
     Args:
         x: (M, K), weight: (N, K), bias: (N,) or None, all one dtype; shrink: (M, R) in x's dtype;
         lora_B: (N, R) any floating dtype (cast in registers). Any strides; R may be 0 (no LoRA term).
+        multi: for a mixed-adapter batch, (index (M,) int64, ``lora_multi.AdapterTables``): lora_B is then
+            (n, N, R) and each row's term is s_a·S·B_aᵀ with its adapter a (``scaling`` unused). Runs the
+            pointer main loop.
 
     Returns:
         (M, N), contiguous, in x's dtype.
     """
     m, k = x.shape
     n = weight.shape[0]
-    r = lora_B.shape[1]
+    r = lora_B.shape[-1]
     y = torch.empty((m, n), device=x.device, dtype=x.dtype)
     if m == 0:
         return y
     dense = isinstance(weight, torch.Tensor)
-    if dense and uses_tma(x, weight):
+    if dense and multi is None and uses_tma(x, weight):
         flags = dict(HAS_BIAS=bias is not None, DOT_PRECISION=dot_precision(x.dtype), BLOCK_R=PROLOGUE_BLOCK_R)
         desc = _descriptors(_fwd_boxes, x_desc=x, w_desc=weight)
         _FWD_TMA.launch(
@@ -495,38 +527,43 @@ def lora_linear_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
         )  # fmt: skip
         return y
     (w, absmax, absmax_code, absmax_scale, absmax_offset, nf4, stride_wn, stride_wk), formats = weight_args(weight, x)
+    index, tables = multi if multi is not None else no_multi(x.device)
+    stride_ba, stride_bn, stride_br = lora_B.stride() if multi is not None else (0, *lora_B.stride())
     _FWD.launch(
         lambda meta: (cdiv(m, meta["BLOCK_M"]) * cdiv(n, meta["BLOCK_N"]),),
         x, w, absmax, absmax_code, absmax_scale, absmax_offset, nf4, bias if bias is not None else x, shrink,
-        lora_B, y,
+        lora_B, y, index, tables.rank, tables.scale,
         m, n, k, r, scaling,
         x.stride(0), x.stride(1), stride_wn, stride_wk, shrink.stride(0), shrink.stride(1),
-        lora_B.stride(0), lora_B.stride(1), y.stride(0), y.stride(1),
-        HAS_BIAS=bias is not None, **formats, DOT_PRECISION=dot_precision(x.dtype), BLOCK_R=PROLOGUE_BLOCK_R,
+        stride_ba, stride_bn, stride_br, y.stride(0), y.stride(1),
+        HAS_BIAS=bias is not None, **formats, MULTI=multi is not None, DOT_PRECISION=dot_precision(x.dtype),
+        BLOCK_R=PROLOGUE_BLOCK_R,
     )  # fmt: skip
     return y
 
 
 def lora_linear_bwd(grad_y: torch.Tensor, weight: torch.Tensor, d_shrink: torch.Tensor, lora_A: torch.Tensor,
-                    dropout_p: float, seed: torch.Tensor | None) -> torch.Tensor:  # fmt: skip
+                    dropout_p: float, seed: torch.Tensor | None, multi: tuple | None = None) -> torch.Tensor:  # fmt: skip
     """dX = G·W + (dS·A) ⊙ m / (1 − p), with the mask regenerated from ``seed``.
 
     Args:
         grad_y: (M, N) G; weight: (N, K) in G's dtype; d_shrink: (M, R) fp32; lora_A: (R, K) any floating
         dtype. Any strides; R may be 0 (no LoRA term).
         seed: (1,) int64 on G's device when dropout_p > 0.
+        multi: for a mixed-adapter batch, (index, tables) as in ``lora_linear_fwd``: lora_A is (n, R, K), each
+            row masked with its adapter's probability; ``dropout_p`` > 0 only says whether any adapter drops.
 
     Returns:
         (M, K), contiguous, in G's dtype.
     """
     m, n = grad_y.shape
     k = weight.shape[1]
-    r = lora_A.shape[0]
+    r = lora_A.shape[-2]
     dx = torch.empty((m, k), device=grad_y.device, dtype=grad_y.dtype)
     if m == 0:
         return dx
     dense = isinstance(weight, torch.Tensor)
-    if dense and uses_tma(grad_y, weight):
+    if dense and multi is None and uses_tma(grad_y, weight):
         flags = dict(DROPOUT=dropout_p > 0.0, DOT_PRECISION=dot_precision(grad_y.dtype), BLOCK_R=PROLOGUE_BLOCK_R)
         desc = _descriptors(_bwd_boxes, g_desc=grad_y, w_desc=weight)
         _BWD_TMA.launch(
@@ -539,13 +576,17 @@ def lora_linear_bwd(grad_y: torch.Tensor, weight: torch.Tensor, d_shrink: torch.
         )  # fmt: skip
         return dx
     (w, absmax, absmax_code, absmax_scale, absmax_offset, nf4, stride_wn, stride_wk), formats = weight_args(weight, grad_y)
+    index, tables = multi if multi is not None else no_multi(grad_y.device)
+    stride_aa, stride_ar, stride_ak = lora_A.stride() if multi is not None else (0, *lora_A.stride())
+    single_p = 0.0 if multi is not None else dropout_p
     _BWD.launch(
         lambda meta: (cdiv(m, meta["BLOCK_M"]) * cdiv(k, meta["BLOCK_K"]),),
         grad_y, w, absmax, absmax_code, absmax_scale, absmax_offset, nf4, d_shrink, lora_A, dx,
-        seed_pointer(seed, grad_y),
-        m, n, k, r, keep_threshold(dropout_p), 1.0 / (1.0 - dropout_p),
+        seed_pointer(seed, grad_y), index, tables.rank, tables.threshold, tables.inv_keep,
+        m, n, k, r, keep_threshold(single_p), 1.0 / (1.0 - single_p),
         grad_y.stride(0), grad_y.stride(1), stride_wn, stride_wk,
-        d_shrink.stride(0), d_shrink.stride(1), lora_A.stride(0), lora_A.stride(1), dx.stride(0), dx.stride(1),
-        DROPOUT=dropout_p > 0.0, **formats, DOT_PRECISION=dot_precision(grad_y.dtype), BLOCK_R=PROLOGUE_BLOCK_R,
+        d_shrink.stride(0), d_shrink.stride(1), stride_aa, stride_ar, stride_ak, dx.stride(0), dx.stride(1),
+        DROPOUT=dropout_p > 0.0, **formats, MULTI=multi is not None, DOT_PRECISION=dot_precision(grad_y.dtype),
+        BLOCK_R=PROLOGUE_BLOCK_R,
     )  # fmt: skip
     return dx
