@@ -133,6 +133,23 @@ lora_linear_op.register_autograd(_op_backward, setup_context=_setup_context)
 # --- eager fast path --------------------------------------------------------------------------------------
 
 
+def _save(ctx: Any, x, weight, lora_A, lora_B, shrink, seed, params: tuple) -> None:
+    """What the eager Functions keep for backward: x, the weights, S and the seed (the tensors), the
+    non-tensor ``params`` and which inputs need gradients. A quantised weight (fastlora.nf4.NF4Weight) is not
+    a tensor: it rides on ctx, holding only the frozen weight's own storage, nothing of this call's."""
+    dense = isinstance(weight, torch.Tensor)
+    ctx.save_for_backward(x, weight if dense else None, lora_A, lora_B, shrink, seed)
+    ctx.quantized = None if dense else weight
+    ctx.params = params
+    ctx.needs = _needs(ctx.needs_input_grad)
+
+
+def _saved(ctx: Any) -> tuple:
+    """(x, weight, lora_A, lora_B, S, seed) as ``_save`` kept them."""
+    x, weight, lora_A, lora_B, shrink, seed = ctx.saved_tensors
+    return x, weight if ctx.quantized is None else ctx.quantized, lora_A, lora_B, shrink, seed
+
+
 class LoRALinearFunction(torch.autograd.Function):
     """Same inputs, saved tensors and gradients as the custom op, without its dispatch overhead. The
     non-tensor arguments and the seed travel as one tuple ``params = (scaling, dropout_p, seed, backend)``:
@@ -142,20 +159,13 @@ class LoRALinearFunction(torch.autograd.Function):
     def forward(ctx, x, weight, bias, lora_A, lora_B, params):
         scaling, dropout_p, seed, backend = params
         y, shrink = _forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, backend)
-        # A quantised weight (fastlora.nf4.NF4Weight) is not a tensor: it rides on ctx. It holds only the
-        # frozen weight's own storage, nothing of this call's activations.
-        dense = isinstance(weight, torch.Tensor)
-        ctx.save_for_backward(x, weight if dense else None, lora_A, lora_B, shrink, seed)
-        ctx.quantized = None if dense else weight
-        ctx.params = (scaling, dropout_p, backend)
-        ctx.needs = _needs(ctx.needs_input_grad)
+        _save(ctx, x, weight, lora_A, lora_B, shrink, seed, (scaling, dropout_p, backend))
         return y
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_y):
-        x, weight, lora_A, lora_B, shrink, seed = ctx.saved_tensors
-        weight = weight if ctx.quantized is None else ctx.quantized
+        x, weight, lora_A, lora_B, shrink, seed = _saved(ctx)
         scaling, dropout_p, backend = ctx.params
         dx, da, db_, dw, dbias = _backward(grad_y, x, weight, lora_A, lora_B, shrink, scaling, dropout_p, seed,
                                            ctx.needs, backend)  # fmt: skip
@@ -198,18 +208,13 @@ class LoRALinearMultiFunction(torch.autograd.Function):
         scalings, dropout_ps, ranks, grouping, seed, backend = params
         y, shrink = get_backend(backend).forward_multi(x, weight, bias, lora_A, lora_B, scalings, dropout_ps, ranks,
                                                        grouping, seed)  # fmt: skip
-        dense = isinstance(weight, torch.Tensor)
-        ctx.save_for_backward(x, weight if dense else None, lora_A, lora_B, shrink, seed)
-        ctx.quantized = None if dense else weight
-        ctx.params = params
-        ctx.needs = _needs(ctx.needs_input_grad)
+        _save(ctx, x, weight, lora_A, lora_B, shrink, seed, params)
         return y
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_y):
-        x, weight, lora_A, lora_B, shrink, seed = ctx.saved_tensors
-        weight = weight if ctx.quantized is None else ctx.quantized
+        x, weight, lora_A, lora_B, shrink, seed = _saved(ctx)
         scalings, dropout_ps, ranks, grouping, _, backend = ctx.params
         dx, da, db_, dw, dbias = get_backend(backend).backward_multi(
             grad_y, x, weight, lora_A, lora_B, shrink, scalings, dropout_ps, ranks, grouping, seed, tuple(ctx.needs)

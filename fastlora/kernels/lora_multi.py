@@ -64,28 +64,39 @@ def _per_row(table_ptr, idx):
 
 
 @triton.jit
+def _rank_terms(l_ptr, r_ptr, idx, rm, rc, C, stride_lm, stride_lr, stride_ra, stride_rr, stride_rc, rank_ptr,
+                DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr,
+                BLOCK_C: tl.constexpr):  # fmt: skip
+    """Σ over the block's adapters a of L[rows of a, :rank_a]·R_a[:rank_a, rc]: (BLOCK_M, BLOCK_C) fp32, with
+    L (M, R) and R_a's element (r, c) at r_ptr + a·stride_ra + r·stride_rr + c·stride_rc."""
+    rm64 = rm.to(tl.int64)
+    rc64 = rc.to(tl.int64)
+    acc = tl.zeros((BLOCK_M, BLOCK_C), dtype=tl.float32)
+    a = _next_adapter(idx, -1)
+    while a < _NONE_LEFT:
+        rank = tl.load(rank_ptr + a)
+        mine = (idx == a)[:, None]
+        r_base = r_ptr + a.to(tl.int64) * stride_ra
+        for r0 in range(0, rank, BLOCK_R):
+            rr = r0 + tl.arange(0, BLOCK_R)
+            lt = tl.load(l_ptr + rm64[:, None] * stride_lm + rr[None, :] * stride_lr,
+                         mask=mine & (rr[None, :] < rank), other=0.0)  # fmt: skip
+            rt = tl.load(r_base + rr[:, None] * stride_rr + rc64[None, :] * stride_rc,
+                         mask=(rr[:, None] < rank) & (rc[None, :] < C), other=0.0)  # fmt: skip
+            acc = tl.dot(lt.to(DTYPE), rt.to(DTYPE), acc, input_precision=DOT_PRECISION)
+        a = _next_adapter(idx, a)
+    return acc
+
+
+@triton.jit
 def fwd_prologue_multi(s_ptr, b_ptr, idx_ptr, rank_ptr, scale_ptr, rm, rn, M, N,
                        stride_sm, stride_sr, stride_ba, stride_bn, stride_br,
                        DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_R: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
     """Σ over the block's adapters a of s_a·S[rows of a]·B_aᵀ on rows rm and columns rn."""
-    rm64 = rm.to(tl.int64)
-    rn64 = rn.to(tl.int64)
     idx = _row_adapters(idx_ptr, rm, M)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    a = _next_adapter(idx, -1)
-    while a < _NONE_LEFT:
-        rank = tl.load(rank_ptr + a)
-        mine = (idx == a)[:, None]
-        b_base = b_ptr + a.to(tl.int64) * stride_ba
-        for r0 in range(0, rank, BLOCK_R):
-            rr = r0 + tl.arange(0, BLOCK_R)
-            s = tl.load(s_ptr + rm64[:, None] * stride_sm + rr[None, :] * stride_sr,
-                        mask=mine & (rr[None, :] < rank), other=0.0)  # fmt: skip
-            b_t = tl.load(b_base + rn64[None, :] * stride_bn + rr[:, None] * stride_br,
-                          mask=(rn[None, :] < N) & (rr[:, None] < rank), other=0.0)  # fmt: skip
-            acc = tl.dot(s.to(DTYPE), b_t.to(DTYPE), acc, input_precision=DOT_PRECISION)
-        a = _next_adapter(idx, a)
+    acc = _rank_terms(s_ptr, b_ptr, idx, rm, rn, N, stride_sm, stride_sr, stride_ba, stride_br, stride_bn, rank_ptr,
+                      DTYPE, DOT_PRECISION, BLOCK_R, BLOCK_M, BLOCK_N)  # fmt: skip
     return acc * _per_row(scale_ptr, idx)
 
 
@@ -95,25 +106,11 @@ def bwd_prologue_multi(ds_ptr, a_ptr, idx_ptr, rank_ptr, thr_ptr, inv_ptr, seed_
                        DTYPE: tl.constexpr, DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
                        BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):  # fmt: skip
     """Σ over the block's adapters a of (dS[rows of a]·A_a) ⊙ m_a / (1 − p_a) on rows rm, columns rk."""
-    rm64 = rm.to(tl.int64)
-    rk64 = rk.to(tl.int64)
     idx = _row_adapters(idx_ptr, rm, M)
-    acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
-    a = _next_adapter(idx, -1)
-    while a < _NONE_LEFT:
-        rank = tl.load(rank_ptr + a)
-        mine = (idx == a)[:, None]
-        a_base = a_ptr + a.to(tl.int64) * stride_aa
-        for r0 in range(0, rank, BLOCK_R):
-            rr = r0 + tl.arange(0, BLOCK_R)
-            ds = tl.load(ds_ptr + rm64[:, None] * stride_dsm + rr[None, :] * stride_dsr,
-                         mask=mine & (rr[None, :] < rank), other=0.0)  # fmt: skip
-            a_t = tl.load(a_base + rr[:, None] * stride_ar + rk64[None, :] * stride_ak,
-                          mask=(rr[:, None] < rank) & (rk[None, :] < K), other=0.0)  # fmt: skip
-            acc = tl.dot(ds.to(DTYPE), a_t.to(DTYPE), acc, input_precision=DOT_PRECISION)
-        a = _next_adapter(idx, a)
+    acc = _rank_terms(ds_ptr, a_ptr, idx, rm, rk, K, stride_dsm, stride_dsr, stride_aa, stride_ar, stride_ak,
+                      rank_ptr, DTYPE, DOT_PRECISION, BLOCK_R, BLOCK_M, BLOCK_K)  # fmt: skip
     if DROPOUT:
-        kept = keep(tl.load(seed_ptr), rm64, col0, K, _per_row(thr_ptr, idx), BLOCK_M, BLOCK_K)
+        kept = keep(tl.load(seed_ptr), rm.to(tl.int64), col0, K, _per_row(thr_ptr, idx), BLOCK_M, BLOCK_K)
         acc = acc * (kept.to(tl.float32) * _per_row(inv_ptr, idx))
     return acc
 
