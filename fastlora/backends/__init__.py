@@ -8,7 +8,12 @@ A backend is a module in this package exposing ``BACKEND``, an object with:
 - ``forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed) -> (y, shrink)``;
 - ``backward(grad_y, x, weight, lora_A, lora_B, shrink, scaling, dropout_p, seed, needs) -> grads``;
 - ``keep_mask(seed, shape, dropout_p, device) -> BoolTensor``: the dropout keep-mask ``forward`` used,
-  so tests can hand it to the reference.
+  so tests can hand it to the reference;
+- for mixed-adapter batches (``fastlora.lora_linear_multi``): ``forward_multi(x, weight, bias, lora_A,
+  lora_B, scalings, dropout_ps, ranks, grouping, seed, want_shrink=True) -> (y, shrink)``,
+  ``backward_multi(..., grouping, seed, needs) -> grads`` and ``multi_keep_mask(seed, grouping, dropout_ps,
+  in_features, device)``, with the adapters stacked (A (n, r_max, K), B (n, N, r_max)) and the rows'
+  ``fastlora.RowGrouping``.
 
 The choice is read at every call (``set_backend`` first, then ``$FASTLORA_BACKEND``, then "auto"), so it
 can change while a program runs, also inside a compiled graph: the op's implementation resolves it.
