@@ -146,7 +146,10 @@ def stack_adapters(owner: nn.Module, pairs: Sequence[tuple[torch.Tensor, torch.T
         if cached is not None and cached[0] == key:
             return cached[1]
     a_stack = torch.stack([a if a.shape[0] == r_max else F.pad(a, (0, 0, 0, r_max - a.shape[0])) for a, _ in pairs])
-    b_stack = torch.stack([b if b.shape[1] == r_max else F.pad(b, (0, r_max - b.shape[1])) for _, b in pairs])
+    # B stored (n, r_max, N) and viewed (n, N, r_max): the kernels read B_a's rows along N, and the torch
+    # backend's stacked path reshapes it to (n·r_max, N) without a copy.
+    b_stack = torch.stack([(b if b.shape[1] == r_max else F.pad(b, (0, r_max - b.shape[1]))).t() for _, b in pairs])
+    b_stack = b_stack.transpose(1, 2)
     result = (a_stack, b_stack, ranks)
     if key is not None:
         owner.__dict__["_fastlora_stack"] = (key, result)

@@ -243,3 +243,33 @@ def test_one_adapter_per_sample_runs_batched(ps, layout_kind):
     assert fastlora.group_rows(index, 3, (5, 15)).sample_index is None  # short samples: segments
     check_multi(_case((5, 17), 24, 18, 3, 6, index, ranks=[6, 2, 4], ps=ps), torch.float32, layout_kind=layout_kind,
                 grouping=grouping)  # fmt: skip
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_inference_on_many_small_groups_runs_stacked(monkeypatch, bias):
+    """Inference with many groups of few rows: the torch backend multiplies every row by all adapters' lanes
+    in two GEMMs and keeps each row's own (lanes past a rank and other adapters' zeroed); against float64."""
+    from fastlora.backends import torch_backend
+
+    calls = []
+    real = torch_backend.TorchBackend._forward_stacked
+    monkeypatch.setattr(torch_backend.TorchBackend, "_forward_stacked",
+                        staticmethod(lambda *a: calls.append(1) or real(*a)))  # fmt: skip
+    index = torch.randint(-1, 5, (23,), generator=torch.Generator().manual_seed(6))
+    case = _case((23,), 40, 36, 5, 6, index, ranks=[6, 1, 3, 6, 2], bias=bias)
+    case["lora_A"][1, 1:] = 1.0  # lanes past a rank hold values: they must not count
+    case["lora_B"][4, :, 2:] = 1.0
+    grouping = fastlora.group_rows(index, 5, (23,))
+    assert torch_backend._stacked_is_cheaper(grouping, 6, 40, 36)
+
+    def run(dtype, ours):
+        args = [case["x"], case["weight"], case["bias"], case["lora_A"], case["lora_B"]]
+        args = [None if t is None else t.to(dtype) for t in args]
+        if ours:
+            with torch.no_grad():
+                return fastlora.lora_linear_multi(*args, case["scalings"], grouping, ranks=case["ranks"])
+        return reference.lora_linear_multi(*args, case["scalings"], grouping.index, case["ranks"])
+
+    truth, pytorch, got = run(torch.float64, False), run(torch.float32, False), run(torch.float32, True)
+    assert calls == [1]
+    assert rel_err(got, truth) <= 2 * rel_err(pytorch, truth) + FLOOR[torch.float32]

@@ -43,6 +43,20 @@ _COMPOSE_MAX = 1 << 16
 _COMPOSE_MAX_DROPOUT = 4096
 
 
+# Inference over many small groups of rows (decode: a few rows per adapter) runs "stacked" instead: every
+# row against all n adapters' r_max lanes in two GEMMs, M·n·r_max·(K + N) multiply-adds, taken when that is
+# below what the per-group calls cost: about 30 µs of host time each on the CPU, some 2M multiply-adds there.
+# Measured at K = N = 1024, r = 16, fp32, 32 one-row requests over 16 adapters: 1.8x the base layer stacked,
+# 2.3x by groups.
+_GROUP_MACS = 1 << 21
+
+
+def _stacked_is_cheaper(grouping, r_max: int, in_features: int, out_features: int) -> bool:
+    groups = sum(1 for *_, a in grouping.segments if a >= 0)
+    stacked = grouping.num_rows * grouping.num_adapters * r_max * (in_features + out_features)
+    return stacked < groups * _GROUP_MACS
+
+
 # A quantised base is dequantised this many elements at a time (whole rows, at least one): 2 MiB in bf16,
 # 1/16 of a 4096 × 4096 layer's full-precision weight, and large enough for the GEMM to run at speed.
 _DEQUANT_CHUNK = 1 << 20
@@ -309,6 +323,8 @@ class TorchBackend:
         if grouping.sample_index is not None:
             return self._forward_per_sample(x, x2, weight, bias, a_all, b_all, scalings, dropout_ps, ranks, grouping,
                                             seed)  # fmt: skip
+        if not want_shrink and seed is None and _stacked_is_cheaper(grouping, r_max, in_features, out_features):
+            return self._forward_stacked(x, x2, weight, bias, a_all, b_all, scalings, ranks, grouping), None
         order = grouping.order
         xs = x2 if order is None else x2.index_select(0, order)
         y = torch.empty((*x.shape[:-1], out_features), dtype=dtype, device=x.device)
@@ -399,28 +415,28 @@ class TorchBackend:
 
     @staticmethod
     def _per_sample(grouping, a_all, b_all, scalings, dropout_ps, ranks):
-        """Each sample's adapter: A_s (B, r_max, K), B_s (B, N, r_max), its lanes within rank (B, 1, r_max) as
-        0/1, and (B, 1, 1) its s (0 for base-only samples) and 1/(1 − p)."""
+        """Each sample's adapter: A_s (B, r_max, K), B_sᵀ (B, r_max, N), its lanes within rank (B, 1, r_max) as
+        0/1, and (B, 1, 1) its s (0 for base-only samples) and 1/(1 − p). B_sᵀ is gathered from Bᵀ's layout,
+        which ``stack_adapters`` stores contiguously."""
         device, dtype, r_max = a_all.device, a_all.dtype, a_all.shape[1]
         sample = grouping.sample_index
         slot = sample.clamp_min(0)  # base-only samples take adapter 0's weights, times a coefficient of 0
         table = torch.tensor([[*scalings, 0.0], [*(1.0 / (1.0 - p) for p in dropout_ps), 1.0]], dtype=dtype,
                              device=device)[:, sample]  # index −1 reads the trailing column  # fmt: skip
         lanes = torch.arange(r_max, device=device)[None, :] < torch.tensor([*ranks, 0], device=device)[sample][:, None]
-        return (a_all.index_select(0, slot), b_all.index_select(0, slot), lanes.to(dtype)[:, None, :],
+        return (a_all.index_select(0, slot), b_all.transpose(1, 2).index_select(0, slot), lanes.to(dtype)[:, None, :],
                 table[0][:, None, None], table[1][:, None, None])
 
     def _forward_per_sample(self, x, x2, weight, bias, a_all, b_all, scalings, dropout_ps, ranks, grouping, seed):
         """forward_multi for one adapter per sample of (B, T, K) x: the LoRA terms as batched GEMMs over the
         samples (S = x̂_b·A_bᵀ, then b + s_b·S·B_bᵀ seeding y), then the base GEMM over all rows."""
         samples, in_features, out_features, r_max = grouping.sample_index.shape[0], x2.shape[1], b_all.shape[1], a_all.shape[1]
-        a_s, b_s, lanes, coef, inv_keep = self._per_sample(grouping, a_all, b_all, scalings, dropout_ps, ranks)
+        a_s, b_t, lanes, coef, inv_keep = self._per_sample(grouping, a_all, b_all, scalings, dropout_ps, ranks)
         keep = self._row_keep(seed, grouping, dropout_ps, in_features, x.device, x.dtype)
         x_hat = x2 if keep is None else keep.mul_(x2)
         s3 = torch.bmm(x_hat.reshape(samples, -1, in_features), a_s.transpose(1, 2)).mul_(lanes).mul_(inv_keep)
         y = torch.empty((*x.shape[:-1], out_features), dtype=x.dtype, device=x.device)
         y3 = y.view(samples, -1, out_features)
-        b_t = b_s.transpose(1, 2)
         if bias is None:
             torch.bmm(s3 * coef, b_t, out=y3)
         else:
@@ -434,10 +450,10 @@ class TorchBackend:
         the samples, each sample's dA and dB added to its adapter's."""
         need_x, need_a, need_b = needs[:3]
         samples, in_features, out_features = grouping.sample_index.shape[0], x2.shape[1], g.shape[1]
-        a_s, b_s, lanes, coef, inv_keep = self._per_sample(grouping, a_all, b_all, scalings, dropout_ps, ranks)
+        a_s, b_t, lanes, coef, inv_keep = self._per_sample(grouping, a_all, b_all, scalings, dropout_ps, ranks)
         slot = grouping.sample_index.clamp_min(0)
         g3 = g.reshape(samples, -1, out_features)
-        d_s3 = torch.bmm(g3, b_s).mul_(lanes).mul_(coef * inv_keep)  # dS = s·G·B, 1/(1 − p) folded in
+        d_s3 = torch.bmm(g3, b_t.transpose(1, 2)).mul_(lanes).mul_(coef * inv_keep)  # dS = s·G·B, 1/(1 − p) folded in
         keep = self._row_keep(seed, grouping, dropout_ps, in_features, x2.device, x2.dtype)
         grad_x = grad_a = grad_b = None
         if need_b:  # dB_b = s_b·Gᵀ·S per sample, summed per adapter (base-only samples add zeros)
@@ -454,5 +470,27 @@ class TorchBackend:
             grad_a = torch.zeros_like(a_all).index_add_(0, slot, per_sample)
         return grad_x, grad_a, grad_b
 
+
+    @staticmethod
+    def _forward_stacked(x, x2, weight, bias, a_all, b_all, scalings, ranks, grouping):
+        """Inference on many small groups (decode): every row against all n adapters in two GEMMs, S_all =
+        x·[A_0; …; A_n−1]ᵀ (M, n·r_max), each row's own lanes kept and scaled, then y = b + S·[B_0ᵀ; …] and
+        the base GEMM onto it. B reshapes for free when stored (n, r_max, N), as ``stack_adapters`` does."""
+        n, r_max, in_features = a_all.shape
+        out_features, m, device = b_all.shape[1], x2.shape[0], x2.device
+        lanes = torch.arange(r_max, device=device)[None, :] < torch.tensor(ranks, device=device)[:, None]
+        own = grouping.index[:, None] == torch.arange(n, device=device)[None, :]  # (M, n)
+        scale = torch.tensor([*scalings, 0.0], dtype=x2.dtype, device=device)[grouping.index]
+        select = (own[:, :, None] & lanes[None]).to(x2.dtype).mul_(scale[:, None, None])
+        s_pad = torch.mm(x2, a_all.reshape(n * r_max, in_features).t()).view(m, n, r_max).mul_(select)
+        b_cat = b_all.transpose(1, 2).reshape(n * r_max, out_features)
+        y = torch.empty((*x.shape[:-1], out_features), dtype=x2.dtype, device=device)
+        y2 = y.view(-1, out_features)
+        if bias is None:
+            torch.mm(s_pad.view(m, n * r_max), b_cat, out=y2)
+        else:
+            torch.addmm(bias, s_pad.view(m, n * r_max), b_cat, out=y2)
+        _add_base(y2, x2, weight)
+        return y
 
 BACKEND = TorchBackend()
