@@ -273,3 +273,13 @@ def test_inference_on_many_small_groups_runs_stacked(monkeypatch, bias):
     truth, pytorch, got = run(torch.float64, False), run(torch.float32, False), run(torch.float32, True)
     assert calls == [1]
     assert rel_err(got, truth) <= 2 * rel_err(pytorch, truth) + FLOOR[torch.float32]
+
+
+def test_b_stored_rank_major_as_layers_stack_it(backend):
+    """``stack_adapters`` stores B as (n, r_max, N) and passes the (n, N, r_max) view: every backend takes
+    those strides (forward and gradients as with a contiguous B)."""
+    index = torch.tensor([0, 2, 2, -1, 1, 0, 1])
+    case = _case((7,), 24, 20, 3, 4, index, ranks=[4, 2, 3])
+    case["lora_B"] = case["lora_B"].transpose(1, 2).contiguous().transpose(1, 2)
+    assert not case["lora_B"].is_contiguous()
+    check_multi(case, torch.float32, backend=backend)
