@@ -180,6 +180,9 @@ def _apply(x, weight, bias, lora_A, lora_B, scaling, p, generator):
 def _per_adapter(name: str, value, n: int, kind: str) -> tuple:
     """A scalar or a sequence of n numbers, as a tuple of n Python numbers (checked by the caller)."""
     if isinstance(value, torch.Tensor):
+        if value.dim() > 1:
+            raise ValueError(f"{name}: expected a number or one {kind} per adapter ({n}), got a tensor of shape "
+                             f"{tuple(value.shape)}")  # fmt: skip
         value = value.tolist() if value.dim() == 1 else value.item()
     if isinstance(value, (list, tuple)):
         if len(value) != n:
@@ -188,7 +191,7 @@ def _per_adapter(name: str, value, n: int, kind: str) -> tuple:
     return (value,) * n
 
 
-def _check_multi(x, lora_A, lora_B, scaling, dropout_p, ranks, adapter_index):
+def _check_multi(x, weight, lora_A, lora_B, scaling, dropout_p, ranks, adapter_index):
     """The stacked adapters and per-adapter arguments of ``lora_linear_multi``, normalised:
     (scalings, dropout_ps, ranks) as tuples of n Python numbers."""
     _check_tensor("x", x)
@@ -199,9 +202,11 @@ def _check_multi(x, lora_A, lora_B, scaling, dropout_p, ranks, adapter_index):
     n, r_max, in_features = lora_A.shape
     if x.dim() >= 1 and x.shape[-1] != in_features:
         raise ValueError(f"lora_A: expected last dimension in_features={x.shape[-1]} (x's), got {_describe(lora_A)}")
-    if lora_B.dim() != 3 or lora_B.shape[0] != n or lora_B.shape[2] != r_max:
-        raise ValueError(f"lora_B: expected 3-D (n={n}, out_features, r_max={r_max}) like lora_A's "
-                         f"(n, r_max, in_features), got {_describe(lora_B)}")  # fmt: skip
+    out_features = weight.shape[0] if isinstance(weight, (torch.Tensor, NF4Weight)) and len(weight.shape) == 2 else None
+    if (lora_B.dim() != 3 or lora_B.shape[0] != n or lora_B.shape[2] != r_max
+            or (out_features is not None and lora_B.shape[1] != out_features)):  # fmt: skip
+        raise ValueError(f"lora_B: expected 3-D (n={n}, out_features={out_features}, r_max={r_max}) like lora_A's "
+                         f"(n, r_max, in_features) and weight's (out_features, in_features), got {_describe(lora_B)}")  # fmt: skip
     scalings = _per_adapter("scaling", scaling, n, "scaling")
     for s in scalings:
         if isinstance(s, bool) or not isinstance(s, numbers.Real) or not math.isfinite(s):
@@ -266,7 +271,7 @@ def lora_linear_multi(
         (..., N) in x's dtype. Gradients: dA (n, r_max, K) and dB (n, N, r_max) in the adapters' dtype, zero
         for adapters without rows. Not traceable by ``torch.compile`` yet.
     """
-    scalings, dropout_ps, ranks = _check_multi(x, lora_A, lora_B, scaling, dropout_p, ranks, adapter_index)
+    scalings, dropout_ps, ranks = _check_multi(x, weight, lora_A, lora_B, scaling, dropout_p, ranks, adapter_index)
     _check_args(x, weight, bias, lora_A[0], lora_B[0], scalings[0], dropout_ps[0], training, generator)
     if not training:
         dropout_ps = (0.0,) * len(dropout_ps)

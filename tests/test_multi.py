@@ -215,8 +215,12 @@ def test_bad_indices_and_arguments_name_the_argument():
         call(adapter_index=fastlora.group_rows(torch.zeros(5, dtype=torch.long), 2, (5,)))
     with pytest.raises(ValueError, match="lora_A: expected 3-D"):
         call(lora_A=a[0])
-    with pytest.raises(ValueError, match=r"lora_B: expected 3-D \(n=2, out_features, r_max=3\)"):
+    with pytest.raises(ValueError, match=r"lora_B: expected 3-D \(n=2, out_features=6, r_max=3\)"):
         call(lora_B=torch.randn(2, 6, 4))
+    with pytest.raises(ValueError, match=r"lora_B: expected 3-D \(n=2, out_features=6, r_max=3\)"):
+        call(lora_B=torch.randn(2, 5, 3))
+    with pytest.raises(ValueError, match=r"scaling: expected a number or one scaling per adapter \(2\), got a tensor"):
+        call(scaling=torch.ones(2, 2))
     with pytest.raises(ValueError, match=r"scaling: expected one scaling per adapter \(2\), got 3"):
         call(scaling=[1.0, 2.0, 3.0])
     with pytest.raises(ValueError, match=r"dropout_p: expected probabilities in \[0, 1\), got 1.0"):
