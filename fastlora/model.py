@@ -201,7 +201,9 @@ def apply_injection(model: nn.Module, plan: InjectionPlan, adapter_name: str, lo
     """Carry out a plan from ``plan_injection``. If anything fails (an allocation), the model is left as it
     was (``all_or_nothing``)."""
     with all_or_nothing(model):
-        return _apply_injection(model, plan, adapter_name, lora_dropout, use_rslora)
+        _apply_injection(model, plan, adapter_name, lora_dropout, use_rslora)
+    mixed_batch.install_keyword(model)  # model(..., adapter_names=[...]): a mixed-adapter batch
+    return model
 
 
 def _apply_injection(model, plan, adapter_name, lora_dropout, use_rslora):
@@ -219,7 +221,6 @@ def _apply_injection(model, plan, adapter_name, lora_dropout, use_rslora):
         model.get_submodule(name).requires_grad_(True)
     previous = set(getattr(model, "_fastlora_modules_to_save", []))
     model._fastlora_modules_to_save = sorted(previous | set(plan.modules_to_save))
-    return model
 
 
 def inject(
@@ -249,9 +250,7 @@ def inject(
     plan = plan_injection(model, target_modules, r, lora_alpha, lora_dropout, adapter_name, exclude_modules,
                           rank_pattern, alpha_pattern, modules_to_save)  # fmt: skip
     check_bool("use_rslora", use_rslora)
-    apply_injection(model, plan, adapter_name, float(lora_dropout), use_rslora)
-    mixed_batch.install_keyword(model)  # model(..., adapter_names=[...]): a mixed-adapter batch
-    return model
+    return apply_injection(model, plan, adapter_name, float(lora_dropout), use_rslora)
 
 
 @dataclass(frozen=True)

@@ -248,3 +248,18 @@ def test_peft_over_bitsandbytes_4bit():
             want.append(theirs(x[i : i + 1]))
     got = ours.eval()(x, adapter_names=NAMES)
     torch.testing.assert_close(got, torch.cat(want), rtol=1e-5, atol=1e-5)
+
+
+def test_adapters_loaded_from_files_take_adapter_names(tmp_path):
+    """load_adapter injects as inject does: a model given its adapters from files takes the keyword too."""
+    trained = fastlora_model()
+    for name in ("cat", "dog"):
+        fastlora.save_adapter(trained, tmp_path / name, adapter_name=name)
+    model = tiny_llama()
+    for name in ("cat", "dog"):
+        fastlora.load_adapter(model, tmp_path / name, adapter_name=name)
+    ids = torch.randint(0, 64, (4, 5))
+    with torch.no_grad():
+        got = model(input_ids=ids, adapter_names=NAMES).logits
+        want = trained(input_ids=ids, adapter_names=NAMES).logits
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
