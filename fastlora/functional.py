@@ -153,17 +153,22 @@ def lora_linear(
     """
     _check_args(x, weight, bias, lora_A, lora_B, scaling, dropout_p, training, generator)
     p = float(dropout_p) if training else 0.0
+    return _autocast_aware(_apply, x, weight, bias, lora_A, lora_B, float(scaling), p, generator)
+
+
+def _autocast_aware(run, x, weight, bias, *rest):
+    """``run(x, weight, bias, *rest)``; under autocast, with x, W and b cast to the autocast dtype first, the
+    way F.linear runs its GEMM there. Adapters keep their dtype (the backends cast those small tensors
+    themselves); inside, autocast is off so no op recasts what was chosen."""
     device_type = x.device.type
-    if _autocast_enabled(device_type):
-        # Run the base GEMM the way F.linear does under autocast; adapters keep their dtype (the backend
-        # casts those small tensors itself). Inside, autocast is off so no op recasts what we chose.
-        dtype = torch.get_autocast_dtype(device_type)
-        x = x.to(dtype)
-        weight = weight if isinstance(weight, NF4Weight) else weight.to(dtype)  # NF4 dequantises into x's dtype
-        bias = None if bias is None else bias.to(dtype)
-        with torch.autocast(device_type, enabled=False):
-            return _apply(x, weight, bias, lora_A, lora_B, float(scaling), p, generator)
-    return _apply(x, weight, bias, lora_A, lora_B, float(scaling), p, generator)
+    if not _autocast_enabled(device_type):
+        return run(x, weight, bias, *rest)
+    dtype = torch.get_autocast_dtype(device_type)
+    x = x.to(dtype)
+    weight = weight if isinstance(weight, NF4Weight) else weight.to(dtype)  # NF4 dequantises into x's dtype
+    bias = None if bias is None else bias.to(dtype)
+    with torch.autocast(device_type, enabled=False):
+        return run(x, weight, bias, *rest)
 
 
 def _apply(x, weight, bias, lora_A, lora_B, scaling, p, generator):
@@ -273,22 +278,12 @@ def lora_linear_multi(
     """
     scalings, dropout_ps, ranks = _check_multi(x, weight, lora_A, lora_B, scaling, dropout_p, ranks, adapter_index)
     _check_args(x, weight, bias, lora_A[0], lora_B[0], scalings[0], dropout_ps[0], training, generator)
+    if torch.compiler.is_compiling():
+        raise NotImplementedError("lora_linear_multi: torch.compile does not trace mixed-adapter batches yet")
     if not training:
         dropout_ps = (0.0,) * len(dropout_ps)
     grouping = adapter_index
     if not isinstance(grouping, RowGrouping):
         grouping = group_rows(adapter_index, lora_A.shape[0], x.shape[:-1])
-    if torch.compiler.is_compiling():
-        raise NotImplementedError("lora_linear_multi: torch.compile does not trace mixed-adapter batches yet")
-    backend = resolve_backend(x.device, x.dtype)
-    device_type = x.device.type
-    if _autocast_enabled(device_type):
-        dtype = torch.get_autocast_dtype(device_type)
-        x = x.to(dtype)
-        weight = weight if isinstance(weight, NF4Weight) else weight.to(dtype)
-        bias = None if bias is None else bias.to(dtype)
-        with torch.autocast(device_type, enabled=False):
-            return lora_linear_multi_eager(x, weight, bias, lora_A, lora_B, scalings, dropout_ps, ranks, grouping,
-                                           generator, backend)  # fmt: skip
-    return lora_linear_multi_eager(x, weight, bias, lora_A, lora_B, scalings, dropout_ps, ranks, grouping, generator,
-                                   backend)  # fmt: skip
+    return _autocast_aware(lora_linear_multi_eager, x, weight, bias, lora_A, lora_B, scalings, dropout_ps, ranks,
+                           grouping, generator, resolve_backend(x.device, x.dtype))  # fmt: skip

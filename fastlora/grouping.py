@@ -3,7 +3,7 @@
 A mixed batch gives each row (token or sequence) an adapter index, −1 meaning "base only". The fused op
 works on rows grouped by adapter, so the grouping (a stable sort and the group sizes) is computed once
 from the indices and handed to every LoRA layer of the model that sees rows of the same shape. Building it
-reads the runs (or group sizes) on the host: one device sync per batch, not per layer.
+reads the runs (or group sizes) on the host: a few device syncs per batch, not per layer.
 """
 
 from __future__ import annotations
@@ -112,7 +112,7 @@ def group_rows(adapter_index: torch.Tensor, num_adapters: int, rows_shape: tuple
         if index.numel() // rows_shape[0] >= _PER_SAMPLE_MIN_ROWS:
             sample_index = adapter_index.to(torch.int64)
     if index.numel():
-        low, high = int(index.min()), int(index.max())
+        low, high = torch.stack(torch.aminmax(index)).tolist()  # one host read for both
         if low < -1 or high >= num_adapters:
             bad = index[(index < -1) | (index >= num_adapters)].unique()[:8].tolist()
             raise ValueError(f"adapter_index: expected values in [-1, {num_adapters}) (-1 = base only, "
@@ -122,7 +122,7 @@ def group_rows(adapter_index: torch.Tensor, num_adapters: int, rows_shape: tuple
         return RowGrouping(rows_shape, index, None, (), num_adapters)
     # Runs of equal indices in row order: their starts and adapters (one host read for the whole batch).
     starts = torch.cat((index.new_zeros(1), (index[1:] != index[:-1]).nonzero().flatten() + 1))
-    run_starts, run_adapters = starts.tolist(), index[starts].tolist()
+    run_starts, run_adapters = torch.stack((starts, index[starts])).tolist()
     distinct = len(set(run_adapters))
     if len(run_starts) <= _RUNS_PER_ADAPTER * distinct + _RUNS_ANYWAY:
         bounds = [*run_starts, m]

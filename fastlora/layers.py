@@ -17,7 +17,7 @@ from fastlora.functional import lora_linear, lora_linear_multi
 from fastlora.nf4 import NF4Weight
 from fastlora.quantized import NF4Linear, nf4_linear
 
-__all__ = ["LoRALinear", "is_conv1d"]
+__all__ = ["LoRALinear", "as_one_adapter", "is_conv1d"]
 
 DEFAULT_ADAPTER = "default"
 
@@ -26,6 +26,13 @@ def is_conv1d(module: nn.Module) -> bool:
     """transformers' GPT-2 style ``Conv1D``: a linear layer whose weight is stored (in, out). Recognised
     without importing transformers."""
     return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and getattr(module, "weight", None) is not None
+
+
+def as_one_adapter(lora_As: list[torch.Tensor], lora_Bs: list[torch.Tensor],
+                   scalings: list[float]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Several adapters applied to the same input without dropout, as one of their stacked ranks: A = [A_1; …]
+    (Σr, K) and B = [s_1·B_1, …] (N, Σr), to run with s = 1. Differentiable (each adapter gets its gradient)."""
+    return torch.cat(lora_As), torch.cat([b * s for b, s in zip(lora_Bs, scalings)], dim=1)
 
 
 def _adapter_dtype(base_dtype: torch.dtype) -> torch.dtype:
@@ -50,7 +57,8 @@ class LoRALinear(nn.Module):
 
     Active adapters run fused into the base GEMM: several at once as one adapter of their stacked ranks
     when no dropout applies (eval, or every p = 0); in training with dropout the first runs fused and the
-    others add their terms with plain PyTorch ops (each needs its own dropout draw). Merged adapters live in ``weight`` (see ``merge``); a layer whose active adapters
+    others add their terms with plain PyTorch ops (each needs its own dropout draw). Merged adapters live in
+    ``weight`` (see ``merge``); a layer whose active adapters
     are all merged costs what the plain layer costs.
 
     QLoRA: on a quantised base (``from_linear(NF4Linear)``, or ``fastlora.quantize`` after ``inject``) the base
@@ -397,8 +405,8 @@ class LoRALinear(nn.Module):
         lora_a, lora_b = modules["lora_A"]._parameters, modules["lora_B"]._parameters
         dropout = self.lora_dropout
         if len(pending) > 1 and not (self.training and any(dropout[n] > 0.0 for n in pending)):
-            a = torch.cat([lora_a[n] for n in pending])
-            b = torch.cat([lora_b[n] * self.scaling[n] for n in pending], dim=1)
+            a, b = as_one_adapter([lora_a[n] for n in pending], [lora_b[n] for n in pending],
+                                  [self.scaling[n] for n in pending])  # fmt: skip
             return lora_linear(x, weight, bias, a, b, 1.0, 0.0, self.training)
         first = pending[0]
         y = lora_linear(x, weight, bias, lora_a[first], lora_b[first], self.scaling[first], dropout[first],

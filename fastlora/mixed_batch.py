@@ -124,9 +124,16 @@ def adapter_names(model: nn.Module, names: Sequence[str]) -> Iterator[nn.Module]
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
-    token = _CURRENT.set(MixedBatch(check_names(model, names)))
-    try:
+    with _in_batch(MixedBatch(check_names(model, names))):
         yield model
+
+
+@contextlib.contextmanager
+def _in_batch(batch: MixedBatch) -> Iterator[None]:
+    """Forwards inside run in ``batch``; the one before comes back after, also on an exception."""
+    token = _CURRENT.set(batch)
+    try:
+        yield
     finally:
         _CURRENT.reset(token)
 
@@ -182,11 +189,8 @@ def _generate(model: nn.Module, original, *args, adapter_names=None, **kwargs):
     the generation runs in that mixed batch, names repeated for the beams and returned sequences."""
     if adapter_names is None:
         return original(*args, **kwargs)
-    token = _CURRENT.set(MixedBatch(check_names(model, adapter_names), expand=True))
-    try:
+    with _in_batch(MixedBatch(check_names(model, adapter_names), expand=True)):
         return original(*args, **kwargs)
-    finally:
-        _CURRENT.reset(token)
 
 
 def install_keyword(model: nn.Module) -> None:

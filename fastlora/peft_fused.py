@@ -24,7 +24,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 
 from fastlora import mixed_batch
 from fastlora.functional import lora_linear, lora_linear_multi
-from fastlora.layers import is_conv1d
+from fastlora.layers import as_one_adapter, is_conv1d
 from fastlora.nf4 import NF4_BLOCKSIZES, NF4Weight
 
 try:  # PEFT defines its 4-bit LoRA layer only when bitsandbytes is installed (and then imports it itself)
@@ -61,8 +61,9 @@ class _FusedForward:
         lora_b_mods, dropouts = modules["lora_B"]._modules, modules["lora_dropout"]._modules
         if rest and not (self.training and any(_dropout_p(dropouts[n]) > 0.0 for n in active)):
             # Several adapters and no dropout applies: one adapter of their stacked ranks, B_a scaled by s_a.
-            a = torch.cat([lora_a[n]._parameters["weight"] for n in active])
-            b = torch.cat([lora_b_mods[n]._parameters["weight"] * self.scaling[n] for n in active], dim=1)
+            a, b = as_one_adapter([lora_a[n]._parameters["weight"] for n in active],
+                                  [lora_b_mods[n]._parameters["weight"] for n in active],
+                                  [self.scaling[n] for n in active])  # fmt: skip
             lora_args, rest = (a, b, 1.0, 0.0, self.training), []
         else:
             lora_b = lora_b_mods[first]._parameters["weight"]

@@ -283,7 +283,6 @@ class TorchBackend:
         grad_bias = g.sum(0) if need_bias else None
         return grad_x, grad_a, grad_b, grad_w, grad_bias
 
-
     # --- mixed-adapter batches (fastlora.lora_linear_multi) ----------------------------------------------
 
     def _row_keep(self, seed, grouping, dropout_ps, in_features, device, dtype):
@@ -366,23 +365,30 @@ class TorchBackend:
         x2, g = x.reshape(-1, in_features), grad_y.reshape(-1, out_features)
         dtype = x.dtype
         a_all, b_all = lora_A.to(dtype), lora_B.to(dtype)
-        if grouping.sample_index is not None:
-            grad_x, grad_a, grad_b = self._backward_per_sample(g, x2, weight, a_all, b_all, shrink, scalings,
-                                                               dropout_ps, ranks, grouping, seed, needs)  # fmt: skip
-            return (grad_x if grad_x is None else grad_x.view(x.shape),
-                    grad_a if grad_a is None else grad_a.to(lora_A.dtype),
-                    grad_b if grad_b is None else grad_b.to(lora_B.dtype),
-                    torch.mm(g.t(), x2) if need_w else None, g.sum(0) if need_bias else None)  # fmt: skip
+        backward = self._backward_per_sample if grouping.sample_index is not None else self._backward_segments
+        grad_x, grad_a, grad_b = backward(g, x2, weight, a_all, b_all, shrink, scalings, dropout_ps, ranks, grouping,
+                                          seed, needs)  # fmt: skip
+        return (grad_x if grad_x is None else grad_x.view(x.shape),
+                grad_a if grad_a is None else grad_a.to(lora_A.dtype),
+                grad_b if grad_b is None else grad_b.to(lora_B.dtype),
+                torch.mm(g.t(), x2) if need_w else None, g.sum(0) if need_bias else None)  # fmt: skip
+
+    def _backward_segments(self, g, x2, weight, a_all, b_all, shrink, scalings, dropout_ps, ranks, grouping, seed,
+                           needs):  # fmt: skip
+        """(dx (M, K), dA (n, r_max, K), dB (n, N, r_max)) in x's dtype for ``forward_multi``'s segments: each
+        segment's dS, dB and dA with small GEMMs, dX's rank-r rows scattered back before G·W accumulates."""
+        need_x, need_a, need_b = needs[:3]
+        in_features = x2.shape[1]
         order = grouping.order
         gs = g if order is None else g.index_select(0, order)
         xs = None
         if need_a:
             xs = x2 if order is None else x2.index_select(0, order)
-        # Accumulated in x's dtype (an adapter may have several runs), cast once at the end.
-        grad_a = torch.zeros(lora_A.shape, dtype=dtype, device=x.device) if need_a else None
-        grad_b = torch.zeros(lora_B.shape, dtype=dtype, device=x.device) if need_b else None
+        # Accumulated in x's dtype (an adapter may have several runs), cast once by the caller.
+        grad_a = torch.zeros_like(a_all) if need_a else None
+        grad_b = torch.zeros_like(b_all) if need_b else None
         dxs = torch.zeros_like(x2) if need_x else None  # base-only rows get G·W alone
-        keep = self._row_keep(seed, grouping, dropout_ps, in_features, x.device, dtype)
+        keep = self._row_keep(seed, grouping, dropout_ps, in_features, x2.device, x2.dtype)
         if keep is not None and order is not None:
             keep = keep.index_select(0, order)
         for lo, hi, a in grouping.segments:
@@ -405,13 +411,7 @@ class TorchBackend:
         if need_x:
             grad_x = dxs if order is None else torch.empty_like(x2).index_copy_(0, order, dxs)
             _add_base(grad_x, g, weight, grad=True)
-            grad_x = grad_x.view(x.shape)
-        grad_a = grad_a if grad_a is None else grad_a.to(lora_A.dtype)
-        grad_b = grad_b if grad_b is None else grad_b.to(lora_B.dtype)
-        grad_w = torch.mm(g.t(), x2) if need_w else None
-        grad_bias = g.sum(0) if need_bias else None
-        return grad_x, grad_a, grad_b, grad_w, grad_bias
-
+        return grad_x, grad_a, grad_b
 
     @staticmethod
     def _per_sample(grouping, a_all, b_all, scalings, dropout_ps, ranks):
@@ -470,7 +470,6 @@ class TorchBackend:
             grad_a = torch.zeros_like(a_all).index_add_(0, slot, per_sample)
         return grad_x, grad_a, grad_b
 
-
     @staticmethod
     def _forward_stacked(x, x2, weight, bias, a_all, b_all, scalings, ranks, grouping):
         """Inference on many small groups (decode): every row against all n adapters in two GEMMs, S_all =
@@ -492,5 +491,6 @@ class TorchBackend:
             torch.addmm(bias, s_pad.view(m, n * r_max), b_cat, out=y2)
         _add_base(y2, x2, weight)
         return y
+
 
 BACKEND = TorchBackend()

@@ -81,8 +81,8 @@ class TritonBackend:
 
     @staticmethod
     def _multi_args(x, scalings, dropout_ps, ranks, grouping):
-        tables = adapter_tables(tuple(scalings), tuple(dropout_ps), tuple(ranks), x.device)
-        return (grouping.index, tables), any(dropout_ps[a] > 0.0 for a in grouping.used)
+        """(index, tables): what the kernels take for a mixed batch."""
+        return grouping.index, adapter_tables(tuple(scalings), tuple(dropout_ps), tuple(ranks), x.device)
 
     def multi_keep_mask(self, seed, grouping, dropout_ps, in_features, device) -> torch.Tensor:
         """The boolean keep-mask (M, K) ``forward_multi`` used, rows in x's order (base-only rows all kept):
@@ -102,8 +102,8 @@ class TritonBackend:
         """As the torch backend's ``forward_multi``: S (M, R) in x's row order, each row's own adapter."""
         k, n_out = x.shape[-1], lora_B.shape[1]
         x2 = x.reshape(-1, k)
-        multi, dropout = self._multi_args(x, scalings, dropout_ps, ranks, grouping)
-        shrink = lora_multi_shrink(x2, lora_A, multi[0], multi[1], seed, dropout)
+        multi = self._multi_args(x, scalings, dropout_ps, ranks, grouping)
+        shrink = lora_multi_shrink(x2, lora_A, *multi, seed)
         y = lora_linear_fwd(x2, weight, bias, shrink, lora_B, 1.0, multi=multi)
         return y.view(*x.shape[:-1], n_out), shrink
 
@@ -113,19 +113,18 @@ class TritonBackend:
         n, r_max, k = lora_A.shape
         n_out = lora_B.shape[1]
         g, x2 = grad_y.reshape(-1, n_out), x.reshape(-1, k)
-        multi, dropout = self._multi_args(x, scalings, dropout_ps, ranks, grouping)
-        index, tables = multi
+        multi = index, tables = self._multi_args(x, scalings, dropout_ps, ranks, grouping)
         d_shrink = lora_multi_ds(g, lora_B, index, tables)  # s_a·G·B_a, fp32
         order, offsets = grouping.device_sorted(sorted_rows)
         grad_b = grad_a = None
         if need_b:  # dB_a = s_a·Σ Gᵀ·S over adapter a's rows
-            out = torch.zeros((n, n_out, r_max), dtype=torch.float32, device=x.device)
+            out = torch.empty((n, n_out, r_max), dtype=torch.float32, device=x.device)
             grad_b = lora_multi_segment_sum(g, shrink, order, offsets, tables, tables.scale, out, False).to(lora_B.dtype)
-        grad_x = lora_linear_bwd(g, weight, d_shrink, lora_A, 1.0 if dropout else 0.0, seed, multi=multi) if need_x else None
+        grad_x = lora_linear_bwd(g, weight, d_shrink, lora_A, 0.0, seed, multi=multi) if need_x else None
         if need_a:  # dA_a = Σ dSᵀ·x̂ over adapter a's rows, x̂ = x ⊙ m_a / (1 − p_a)
-            out = torch.zeros((n, r_max, k), dtype=torch.float32, device=x.device)
+            out = torch.empty((n, r_max, k), dtype=torch.float32, device=x.device)
             grad_a = lora_multi_segment_sum(x2, d_shrink, order, offsets, tables, tables.inv_keep, out, True, seed,
-                                            dropout).to(lora_A.dtype)  # fmt: skip
+                                            masked=True).to(lora_A.dtype)  # fmt: skip
         grad_x = grad_x if grad_x is None else grad_x.view(x.shape)
         grad_w = torch.mm(g.t(), x2) if need_w else None
         grad_bias = g.sum(0) if need_bias else None

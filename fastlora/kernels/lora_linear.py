@@ -551,7 +551,7 @@ def lora_linear_bwd(grad_y: torch.Tensor, weight: torch.Tensor, d_shrink: torch.
         dtype. Any strides; R may be 0 (no LoRA term).
         seed: (1,) int64 on G's device when dropout_p > 0.
         multi: for a mixed-adapter batch, (index, tables) as in ``lora_linear_fwd``: lora_A is (n, R, K), each
-            row masked with its adapter's probability; ``dropout_p`` > 0 only says whether any adapter drops.
+            row masked with its adapter's probability from the tables (``dropout_p`` unused).
 
     Returns:
         (M, K), contiguous, in G's dtype.
@@ -579,6 +579,7 @@ def lora_linear_bwd(grad_y: torch.Tensor, weight: torch.Tensor, d_shrink: torch.
     index, tables = multi if multi is not None else no_multi(grad_y.device)
     stride_aa, stride_ar, stride_ak = lora_A.stride() if multi is not None else (0, *lora_A.stride())
     single_p = 0.0 if multi is not None else dropout_p
+    dropout = tables.dropout if multi is not None else dropout_p > 0.0
     _BWD.launch(
         lambda meta: (cdiv(m, meta["BLOCK_M"]) * cdiv(k, meta["BLOCK_K"]),),
         grad_y, w, absmax, absmax_code, absmax_scale, absmax_offset, nf4, d_shrink, lora_A, dx,
@@ -586,7 +587,7 @@ def lora_linear_bwd(grad_y: torch.Tensor, weight: torch.Tensor, d_shrink: torch.
         m, n, k, r, keep_threshold(single_p), 1.0 / (1.0 - single_p),
         grad_y.stride(0), grad_y.stride(1), stride_wn, stride_wk,
         d_shrink.stride(0), d_shrink.stride(1), stride_aa, stride_ar, stride_ak, dx.stride(0), dx.stride(1),
-        DROPOUT=dropout_p > 0.0, **formats, MULTI=multi is not None, DOT_PRECISION=dot_precision(grad_y.dtype),
+        DROPOUT=dropout, **formats, MULTI=multi is not None, DOT_PRECISION=dot_precision(grad_y.dtype),
         BLOCK_R=PROLOGUE_BLOCK_R,
     )  # fmt: skip
     return dx

@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastlora.kernels._launch import Tunable, cdiv, dot_precision, interpreting, rank_block
+from fastlora.kernels._launch import Tunable, cdiv, dot_precision, rank_block
 from fastlora.kernels.dropout import keep, keep_threshold, seed_pointer
 
 __all__ = ["AdapterTables", "adapter_tables", "lora_multi_shrink", "lora_multi_ds", "lora_multi_segment_sum",
@@ -267,9 +267,11 @@ MAX_BLOCK_R = 64
 
 class AdapterTables:
     """Per-adapter values on the device, for the kernels: ranks (int32), scalings and 1/(1 − p) (fp32),
-    keep thresholds (int64)."""
+    keep thresholds (int64); and on the host ``dropout``, whether any adapter drops (the kernels' DROPOUT:
+    rows of adapters that do not drop have threshold 0 and keep everything)."""
 
     def __init__(self, scalings, dropout_ps, ranks, device: torch.device) -> None:
+        self.dropout = any(p > 0.0 for p in dropout_ps)
         self.rank = torch.tensor(ranks, dtype=torch.int32, device=device)
         self.scale = torch.tensor(scalings, dtype=torch.float32, device=device)
         self.inv_keep = torch.tensor([1.0 / (1.0 - p) for p in dropout_ps], dtype=torch.float32, device=device)
@@ -299,7 +301,7 @@ def sorted_rows(index: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor
 
 
 def lora_multi_shrink(x: torch.Tensor, lora_A: torch.Tensor, index: torch.Tensor, tables: AdapterTables,
-                      seed: torch.Tensor | None, dropout: bool) -> torch.Tensor:  # fmt: skip
+                      seed: torch.Tensor | None) -> torch.Tensor:  # fmt: skip
     """S (M, R) in x's dtype: each row's x̂·A_aᵀ (zeros for base-only rows and past the rank).
 
     Args:
@@ -316,7 +318,7 @@ def lora_multi_shrink(x: torch.Tensor, lora_A: torch.Tensor, index: torch.Tensor
         x, lora_A, index, tables.rank, tables.threshold, tables.inv_keep, s, seed_pointer(seed, x),
         m, k, r,
         x.stride(0), x.stride(1), lora_A.stride(0), lora_A.stride(1), lora_A.stride(2), s.stride(0), s.stride(1),
-        DROPOUT=dropout, DOT_PRECISION=dot_precision(x.dtype), BLOCK_R=block_r,
+        DROPOUT=tables.dropout, DOT_PRECISION=dot_precision(x.dtype), BLOCK_R=block_r,
     )  # fmt: skip
     return s
 
@@ -343,12 +345,13 @@ def lora_multi_ds(grad_y: torch.Tensor, lora_B: torch.Tensor, index: torch.Tenso
 
 def lora_multi_segment_sum(left: torch.Tensor, right: torch.Tensor, order: torch.Tensor, offsets: torch.Tensor,
                            tables: AdapterTables, coef: torch.Tensor, out: torch.Tensor, transpose_out: bool,
-                           seed: torch.Tensor | None = None, dropout: bool = False) -> torch.Tensor:  # fmt: skip
-    """Per adapter a: coef_a·Σ over its rows of leftᵀ·right, (C, R), written to ``out[a]`` (an (n, C, R) fp32
-    tensor, or (n, R, C) read transposed when ``transpose_out``).
+                           seed: torch.Tensor | None = None, masked: bool = False) -> torch.Tensor:  # fmt: skip
+    """Per adapter a: coef_a·Σ over its rows of leftᵀ·right, (C, R), written to every element of ``out[a]`` (an
+    (n, C, R) fp32 tensor, or (n, R, C) read transposed when ``transpose_out``; adapters without rows get
+    zeros, so ``out`` may come uninitialised).
 
     Args:
-        left: (M, C), any strides (G for dB, x for dA: then ``dropout`` masks it as the forward did).
+        left: (M, C), any strides (G for dB, x for dA: then ``masked`` applies the forward's dropout).
         right: (M, R) (S for dB, dS for dA).
         order, offsets: ``sorted_rows(index, n)``.
     """
@@ -363,6 +366,6 @@ def lora_multi_segment_sum(left: torch.Tensor, right: torch.Tensor, order: torch
         left, right, order, offsets, tables.rank, coef, tables.threshold, out, seed_pointer(seed, left),
         c, r,
         left.stride(0), left.stride(1), right.stride(0), right.stride(1), stride_oa, stride_oc, stride_or,
-        DROPOUT=dropout, DOT_PRECISION=dot_precision(left.dtype), BLOCK_R=block_r,
+        DROPOUT=masked and tables.dropout, DOT_PRECISION=dot_precision(left.dtype), BLOCK_R=block_r,
     )  # fmt: skip
     return out
