@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import math
-import numbers
 from collections.abc import Sequence
 
 import torch
 
+from fastlora._checks import is_integer, is_real
 from fastlora.backends import draw_seed, resolve_backend
 from fastlora.grouping import RowGrouping, group_rows
 from fastlora.nf4 import DTYPES as _NF4_DTYPES
@@ -100,7 +100,7 @@ def _check_args(x, weight, bias, lora_A, lora_B, scaling, dropout_p, training, g
         raise ValueError(
             f"lora_B: expected shape (out_features={out_features}, r={rank}), got {_describe(lora_B)}"
         )
-    if isinstance(scaling, bool) or not isinstance(scaling, numbers.Real):
+    if not is_real(scaling):
         raise TypeError(f"scaling: expected a real number, got {type(scaling).__name__}")
     if not math.isfinite(scaling):
         raise ValueError(f"scaling: expected a finite number, got {scaling}")
@@ -108,7 +108,7 @@ def _check_args(x, weight, bias, lora_A, lora_B, scaling, dropout_p, training, g
         raise TypeError(f"training: expected True or False, got {training!r} ({type(training).__name__})")
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"generator: expected a torch.Generator or None, got {type(generator).__name__}")
-    if isinstance(dropout_p, bool) or not isinstance(dropout_p, numbers.Real):
+    if not is_real(dropout_p):
         raise TypeError(f"dropout_p: expected a real number in [0, 1), got {type(dropout_p).__name__}")
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p: expected a probability in [0, 1), got {dropout_p}")
@@ -214,18 +214,18 @@ def _check_multi(x, weight, lora_A, lora_B, scaling, dropout_p, ranks, adapter_i
                          f"(n, r_max, in_features) and weight's (out_features, in_features), got {_describe(lora_B)}")  # fmt: skip
     scalings = _per_adapter("scaling", scaling, n, "scaling")
     for s in scalings:
-        if isinstance(s, bool) or not isinstance(s, numbers.Real) or not math.isfinite(s):
+        if not is_real(s) or not math.isfinite(s):
             raise ValueError(f"scaling: expected finite real numbers, got {s!r}")
     dropout_ps = _per_adapter("dropout_p", dropout_p, n, "probability")
     for p in dropout_ps:
-        if isinstance(p, bool) or not isinstance(p, numbers.Real) or not 0.0 <= p < 1.0:
+        if not is_real(p) or not 0.0 <= p < 1.0:
             raise ValueError(f"dropout_p: expected probabilities in [0, 1), got {p!r}")
     if ranks is None:
         ranks = (r_max,) * n
     else:
         ranks = _per_adapter("ranks", ranks, n, "rank")
         for r in ranks:
-            if isinstance(r, bool) or not isinstance(r, numbers.Integral) or not 1 <= r <= r_max:
+            if not is_integer(r) or not 1 <= r <= r_max:
                 raise ValueError(f"ranks: expected integers in [1, r_max={r_max}], got {r!r}")
     if isinstance(adapter_index, RowGrouping):
         if adapter_index.num_adapters != n or adapter_index.rows_shape != tuple(x.shape[:-1]):

@@ -59,12 +59,17 @@ class RowGrouping:
     def num_rows(self) -> int:
         return self.index.numel()
 
+    def cached(self, key, build):
+        """``build()``, computed on the first call with this (hashable) key and kept: every layer of the batch
+        that asks with the same key (the same ranks, scalings, dtype, ...) shares it."""
+        found = self._derived.get(key)
+        if found is None:
+            found = self._derived[key] = build()
+        return found
+
     def device_sorted(self, build):
         """``build(index, num_adapters)``, computed on first use and kept: every layer shares it."""
-        found = self._derived.get(build)
-        if found is None:
-            found = self._derived[build] = build(self.index, self.num_adapters)
-        return found
+        return self.cached(build, lambda: build(self.index, self.num_adapters))
 
     @property
     def used(self) -> tuple[int, ...]:

@@ -14,7 +14,6 @@ weight and cached; NF4 only.
 from __future__ import annotations
 
 import math
-import numbers
 import weakref
 
 import torch
@@ -23,6 +22,7 @@ from peft.tuners.lora import Linear
 from peft.tuners.tuners_utils import BaseTunerLayer
 
 from fastlora import mixed_batch
+from fastlora._checks import is_real
 from fastlora.functional import lora_linear, lora_linear_multi
 from fastlora.layers import as_one_adapter, is_conv1d
 from fastlora.nf4 import NF4_BLOCKSIZES, NF4Weight
@@ -95,12 +95,12 @@ class _FusedForward:
             return self._modules["base_layer"](x)
         if unfusable(self, list(local)) is not None:
             return super().forward(x, adapter_names=list(batch.sample_names(x)))
-        base = self._modules["base_layer"]
-        lora_a, lora_b = self.lora_A, self.lora_B
+        modules = self._modules  # read once: each nn.Module attribute lookup goes through __getattr__
+        base, lora_a, lora_b = modules["base_layer"], modules["lora_A"]._modules, modules["lora_B"]._modules
+        dropouts, scaling = modules["lora_dropout"]._modules, self.scaling
         pairs = [(lora_a[n]._parameters["weight"], lora_b[n]._parameters["weight"]) for n in local]
         a, b, ranks = mixed_batch.stack_adapters(self, pairs)
-        multi_args = ([self.scaling[n] for n in local], grouping, [_dropout_p(self.lora_dropout[n]) for n in local],
-                      self.training)  # fmt: skip
+        multi_args = ([scaling[n] for n in local], grouping, [_dropout_p(dropouts[n]) for n in local], self.training)
 
         def run(xc, weight, bias):
             return lora_linear_multi(xc, weight, bias, a, b, *multi_args, ranks=ranks)
@@ -308,6 +308,6 @@ def unfusable(layer: Linear, adapters=None) -> str | None:
         if not 0.0 <= _dropout_p(dropout) < 1.0:
             return f"dropout p={dropout.p}"
         scaling = layer.scaling[a]
-        if isinstance(scaling, bool) or not isinstance(scaling, numbers.Real) or not math.isfinite(scaling):
+        if not is_real(scaling) or not math.isfinite(scaling):
             return f"scaling {scaling!r}"
     return None
