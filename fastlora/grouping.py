@@ -27,6 +27,8 @@ _RUNS_ANYWAY = 4
 # the samples (each sample's adapter gathered, B·r·(K + N) elements: small next to x at T >= 16), a fixed
 # number of calls whatever the number of adapters.
 _PER_SAMPLE_MIN_ROWS = 16
+# Up to this many rows the index is grouped on the host (one read of it), above with tensor ops.
+_HOST_ROWS = 256
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -116,28 +118,41 @@ def group_rows(adapter_index: torch.Tensor, num_adapters: int, rows_shape: tuple
     if len(rows_shape) >= 2 and tuple(adapter_index.shape) == rows_shape[:1] and rows_shape[0] > 0:
         if index.numel() // rows_shape[0] >= _PER_SAMPLE_MIN_ROWS:
             sample_index = adapter_index.to(torch.int64)
-    if index.numel():
-        low, high = torch.stack(torch.aminmax(index)).tolist()  # one host read for both
+    m = index.numel()
+    # Small batches (decode) are read to the host once and grouped in Python: a dozen small tensor ops cost
+    # more host time than the loops below at this size.
+    values = index.tolist() if m <= _HOST_ROWS else None
+    if m:
+        low, high = (min(values), max(values)) if values is not None else torch.stack(torch.aminmax(index)).tolist()
         if low < -1 or high >= num_adapters:
             bad = index[(index < -1) | (index >= num_adapters)].unique()[:8].tolist()
             raise ValueError(f"adapter_index: expected values in [-1, {num_adapters}) (-1 = base only, "
                              f"{num_adapters} adapters), got {bad}")  # fmt: skip
-    m = index.numel()
     if m == 0:
         return RowGrouping(rows_shape, index, None, (), num_adapters)
     # Runs of equal indices in row order: their starts and adapters (one host read for the whole batch).
-    starts = torch.cat((index.new_zeros(1), (index[1:] != index[:-1]).nonzero().flatten() + 1))
-    run_starts, run_adapters = torch.stack((starts, index[starts])).tolist()
+    if values is not None:
+        run_starts = [0, *(i for i in range(1, m) if values[i] != values[i - 1])]
+        run_adapters = [values[i] for i in run_starts]
+    else:
+        starts = torch.cat((index.new_zeros(1), (index[1:] != index[:-1]).nonzero().flatten() + 1))
+        run_starts, run_adapters = torch.stack((starts, index[starts])).tolist()
     distinct = len(set(run_adapters))
     if len(run_starts) <= _RUNS_PER_ADAPTER * distinct + _RUNS_ANYWAY:
         bounds = [*run_starts, m]
         segments = tuple((bounds[i], bounds[i + 1], run_adapters[i]) for i in range(len(run_starts)))
         return RowGrouping(rows_shape, index, None, segments, num_adapters, sample_index)
-    counts = torch.bincount(index + 1, minlength=num_adapters + 1).tolist()
+    if values is not None:
+        counts = [0] * (num_adapters + 1)
+        for v in values:
+            counts[v + 1] += 1
+        order = torch.tensor(sorted(range(m), key=values.__getitem__), dtype=torch.int64, device=index.device)
+    else:
+        counts = torch.bincount(index + 1, minlength=num_adapters + 1).tolist()
+        order = torch.sort(index, stable=True).indices
     segments, start = [], 0
     for adapter, count in enumerate(counts, start=-1):
         if count:
             segments.append((start, start + count, adapter))
             start += count
-    order = torch.sort(index, stable=True).indices
     return RowGrouping(rows_shape, index, order, tuple(segments), num_adapters, sample_index)

@@ -82,8 +82,21 @@ class MixedBatch:
 
 def _lora_layers(model: nn.Module) -> list[nn.Module]:
     """fastlora's LoRALinear layers and PEFT's LoRA layers of ``model``: the modules holding a ``lora_A``
-    dict (read from ``_modules``: ``hasattr`` on a module costs an exception per miss)."""
-    return [m for m in model.modules() if isinstance(m._modules.get("lora_A"), (nn.ModuleDict, nn.ParameterDict))]
+    dict (read from ``_modules``: ``hasattr`` on a module costs an exception per miss), in ``modules()``
+    order. Inside a LoRA layer only its base layer is searched: its per-adapter modules (3 per adapter) hold
+    none, and this runs on every mixed-batch forward."""
+    found, seen, stack = [], set(), [model]
+    while stack:
+        module = stack.pop()
+        if id(module) in seen:
+            continue
+        seen.add(id(module))
+        children = module._modules
+        if isinstance(children.get("lora_A"), (nn.ModuleDict, nn.ParameterDict)):
+            found.append(module)
+            children = {"base_layer": children.get("base_layer")}
+        stack.extend(child for child in reversed(children.values()) if child is not None)
+    return found
 
 
 def check_names(model: nn.Module, names: object) -> tuple[str, ...]:

@@ -287,3 +287,36 @@ def test_b_stored_rank_major_as_layers_stack_it(backend):
     case["lora_B"] = case["lora_B"].transpose(1, 2).contiguous().transpose(1, 2)
     assert not case["lora_B"].is_contiguous()
     check_multi(case, torch.float32, backend=backend)
+
+
+@pytest.mark.parametrize("pattern", ["runs", "scattered", "per sample", "base only"])
+def test_grouping_on_the_host_matches_the_tensor_path(monkeypatch, pattern):
+    """Small batches are grouped from one host read of the index, large ones with tensor ops: both give the
+    same segments and order (checked by forcing each path on the same indices)."""
+    from fastlora import grouping as grouping_module
+
+    g = torch.Generator().manual_seed(5)
+    shapes = {"runs": (6, 5), "scattered": (37,), "per sample": (4, 16), "base only": (9,)}
+    rows = shapes[pattern]
+    if pattern == "runs":
+        index = torch.tensor([2, 2, 0, 0, -1, 2])
+    elif pattern == "per sample":
+        index = torch.tensor([1, -1, 1, 0])
+    elif pattern == "base only":
+        index = torch.full((9,), -1)
+    else:
+        index = torch.randint(-1, 3, (37,), generator=g)
+    results = []
+    for host_rows in (10**6, 0):
+        monkeypatch.setattr(grouping_module, "_HOST_ROWS", host_rows)
+        results.append(fastlora.group_rows(index, 3, rows))
+    host, tensors = results
+    assert host.segments == tensors.segments
+    assert (host.order is None) == (tensors.order is None)
+    if host.order is not None:
+        assert torch.equal(host.order, tensors.order)
+    assert (host.sample_index is None) == (tensors.sample_index is None)
+    for host_rows in (10**6, 0):
+        monkeypatch.setattr(grouping_module, "_HOST_ROWS", host_rows)
+        with pytest.raises(ValueError, match=r"adapter_index: expected values in \[-1, 3\).*got \[3\]"):
+            fastlora.group_rows(torch.tensor([0, 3, 1]), 3, (3,))

@@ -498,10 +498,12 @@ class TorchBackend:
         out_features, m, device = b_all.shape[1], x2.shape[0], x2.device
 
         def select():  # (M, n, r_max): s_a on row i's own adapter's lanes within its rank, 0 elsewhere
-            lanes = torch.arange(r_max, device=device)[None, :] < torch.tensor(ranks, device=device)[:, None]
-            own = grouping.index[:, None] == torch.arange(n, device=device)[None, :]  # (M, n)
-            scale = torch.tensor([*scalings, 0.0], dtype=x2.dtype, device=device)[grouping.index]
-            return (own[:, :, None] & lanes[None]).to(x2.dtype).mul_(scale[:, None, None])
+            lanes = [[s if j < r else 0.0 for j in range(r_max)] for s, r in zip(scalings, ranks)]
+            table = torch.tensor([*lanes, [0.0] * r_max], dtype=x2.dtype, device=device)  # row n: base only
+            index = grouping.index  # −1 picks slot n, dropped below
+            kept = torch.zeros((m, n + 1, r_max), dtype=x2.dtype, device=device)
+            kept[torch.arange(m, device=device), index] = table[index]
+            return kept[:, :n]
 
         lanes_kept = grouping.cached(("torch stacked", scalings, ranks, r_max, x2.dtype), select)
         s_pad = torch.mm(x2, a_all.reshape(n * r_max, in_features).t()).view(m, n, r_max).mul_(lanes_kept)
