@@ -22,6 +22,7 @@ from fastlora.model import (
 from fastlora.peft_compat import accelerate
 from fastlora.quantized import NF4Linear, from_bnb, quantize, to_bnb
 from fastlora.tuning import load_tuning, save_tuning
+from fastlora.variants import LoRAConv, LoRAEmbedding
 
 __version__ = "0.1.0"
 
@@ -29,6 +30,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BACKEND_NAMES",
+    "LoRAConv",
+    "LoRAEmbedding",
     "LoRALinear",
     "NF4Linear",
     "__version__",

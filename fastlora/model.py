@@ -3,7 +3,8 @@
 Module matching follows PEFT's rules, so a PEFT ``LoraConfig``'s ``target_modules`` means the same here:
 a list matches a module name exactly or as a dotted suffix ("q_proj" matches "model.layers.0.self_attn.q_proj");
 a string is a regular expression that must match the whole name; "all-linear" is every linear layer but the
-output head. ``rank_pattern`` / ``alpha_pattern`` keys match as PEFT's do: ``(.*\\.)?(key)$``.
+output head. Besides linear layers, a list or a regular expression also targets ``nn.Embedding`` and
+``nn.Conv1d/2d/3d`` modules (``fastlora.variants``: PEFT's LoRA on embeddings and convolutions). ``rank_pattern`` / ``alpha_pattern`` keys match as PEFT's do: ``(.*\\.)?(key)$``.
 """
 
 from __future__ import annotations
@@ -30,8 +31,15 @@ from fastlora._checks import (
     check_real,
 )
 from fastlora import mixed_batch
+from fastlora import variants
 from fastlora.layers import DEFAULT_ADAPTER, LoRALinear, is_conv1d
 from fastlora.quantized import NF4Linear
+from fastlora.variants import LoRAConv, LoRAEmbedding
+
+# Every fastlora LoRA layer: the fused linear one and the plain-op embedding / convolution ones share the
+# adapter interface (adapters, set_active, merge, ...) that the functions below use.
+LoRALayer = LoRALinear | LoRAEmbedding | LoRAConv
+LORA_LAYERS = (LoRALinear, *variants.VARIANT_LAYERS)
 
 __all__ = [
     "all_or_nothing",
@@ -55,6 +63,11 @@ __all__ = [
 
 def _is_linear(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear) or is_conv1d(module) or isinstance(module, NF4Linear)
+
+
+def _is_target(module: nn.Module) -> bool:
+    """What a list or regular expression in ``target_modules`` can select."""
+    return _is_linear(module) or isinstance(module, LORA_LAYERS) or variants.is_variant_target(module)
 
 
 def _matches(name: str, targets: str | Iterable[str]) -> bool:
@@ -82,14 +95,17 @@ def _check_model(model: object) -> nn.Module:
     return check_module("model", model)
 
 
-def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
-    """Every fastlora layer of ``model`` by module name."""
+def lora_layers(model: nn.Module) -> dict[str, LoRALayer]:
+    """Every fastlora layer of ``model`` (``LoRALinear``, ``LoRAEmbedding``, ``LoRAConv``) by module name."""
     _check_model(model)
-    return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
+    return {name: m for name, m in model.named_modules() if isinstance(m, LORA_LAYERS)}
 
 
 def _features(module: nn.Module) -> tuple[int, int]:
-    """(out_features, in_features) of a linear layer of any of the kinds ``inject`` takes."""
+    """(out_features, in_features) of a layer of any of the kinds ``inject`` takes (PEFT's counts for
+    embeddings and convolutions: see ``variants.features``)."""
+    if isinstance(module, variants.VARIANT_LAYERS) or variants.is_variant_target(module):
+        return variants.features(module)
     if hasattr(module, "out_features") and hasattr(module, "in_features"):
         return module.out_features, module.in_features
     return module.weight.shape[1], module.weight.shape[0]  # Conv1D stores (in, out)
@@ -158,16 +174,17 @@ def plan_injection(
         chosen = [n for n, m in model.named_modules() if n and (_is_linear(m) or isinstance(m, LoRALinear)) and m is not head]
     else:
         target_modules = check_module_names("target_modules", target_modules)
-        chosen = [n for n, m in model.named_modules()
-                  if n and (_is_linear(m) or isinstance(m, LoRALinear)) and _matches(n, target_modules)]  # fmt: skip
+        chosen = [n for n, m in model.named_modules() if n and _is_target(m) and _matches(n, target_modules)]
     exclude_modules = check_module_names("exclude_modules", exclude_modules, allow_none=True)
     if exclude_modules is not None:
         chosen = [n for n in chosen if not _matches(n, exclude_modules)]
-    # A LoRALinear's quantised base_layer is part of that layer, not a target of its own.
-    inside = {n for n, m in model.named_modules() if isinstance(m, LoRALinear)}
+    # A fastlora layer's base_layer (a LoRALinear's quantised one, a LoRAConv's conv, ...) is part of that
+    # layer, not a target of its own.
+    inside = {n for n, m in model.named_modules() if isinstance(m, LORA_LAYERS)}
     chosen = [n for n in chosen if not any(n.startswith(p + ".") for p in inside)]
     if not chosen:
-        raise ValueError(f"target_modules: no linear layer of the model matches {target_modules!r}")
+        raise ValueError(f"target_modules: no linear layer of the model matches {target_modules!r} (nor any "
+                         "nn.Embedding or nn.Conv1d/2d/3d)")  # fmt: skip
     rank_pattern = check_pattern("rank_pattern", rank_pattern, check_rank)
     alpha_pattern = check_pattern("alpha_pattern", alpha_pattern, check_real)
     targets = []
@@ -176,9 +193,18 @@ def plan_injection(
         out_f, in_f = _features(module)
         rank = check_rank(f"rank_pattern for {name}", _pattern_value(name, rank_pattern, r), in_f, out_f)
         alpha = _pattern_value(name, alpha_pattern, lora_alpha)
-        if isinstance(module, LoRALinear) and adapter_name in module.lora_A:
+        if isinstance(module, LORA_LAYERS) and adapter_name in module.lora_A:
             raise ValueError(f"adapter_name: {name} already has an adapter named {adapter_name!r}")
-        if not isinstance(module, (LoRALinear, NF4Linear)) and not module.weight.is_floating_point():
+        if variants.is_variant_target(module):
+            reason = variants.unsupported_reason(module)
+            if reason is not None:
+                raise TypeError(f"target_modules: {name} is {reason}; fastlora's LoRAEmbedding and LoRAConv wrap "
+                                "plain ones (exclude it with exclude_modules)")  # fmt: skip
+        if variants.is_variant_target(module) or isinstance(module, variants.VARIANT_LAYERS):
+            # r and rank_pattern: the one that gave this layer its rank is the one named
+            argument = f"rank_pattern for {name}" if _pattern_value(name, rank_pattern, None) is not None else "r"
+            variants.check_rank_for(argument, module, rank)
+        if not isinstance(module, (*LORA_LAYERS, NF4Linear)) and not module.weight.is_floating_point():
             raise TypeError(f"target_modules: {name} has a {module.weight.dtype} weight; LoRA needs a floating-point "
                             "base or a fastlora.NF4Linear (fastlora.quantize)")  # fmt: skip
         targets.append((name, module, rank, alpha))
@@ -208,8 +234,12 @@ def apply_injection(model: nn.Module, plan: InjectionPlan, adapter_name: str, lo
 
 def _apply_injection(model, plan, adapter_name, lora_dropout, use_rslora):
     for name, module, rank, alpha in plan.targets:
-        if isinstance(module, LoRALinear):
+        if isinstance(module, LORA_LAYERS):
             module.add_adapter(adapter_name, rank, alpha, lora_dropout, use_rslora)
+        elif variants.is_variant_target(module):
+            layer = variants.wrap(module, rank, alpha, lora_dropout, use_rslora, adapter_name)
+            layer.train(module.training)
+            _set_submodule(model, name, layer)
         else:
             layer = LoRALinear.from_linear(module, rank, alpha, lora_dropout, use_rslora, adapter_name)
             layer.train(module.training)
@@ -236,10 +266,13 @@ def inject(
     alpha_pattern: Mapping[str, float] | None = None,
     modules_to_save: Iterable[str] | None = None,
 ) -> nn.Module:
-    """Put LoRA adapter ``adapter_name`` on the matching linear layers of ``model``, in place.
+    """Put LoRA adapter ``adapter_name`` on the matching layers of ``model``, in place.
 
-    Matching ``nn.Linear`` and transformers ``Conv1D`` layers become ``LoRALinear`` sharing their weights; layers
-    that already are ``LoRALinear`` get the new adapter beside their others. The new adapter becomes the
+    Matching ``nn.Linear`` and transformers ``Conv1D`` layers become ``LoRALinear`` sharing their weights;
+    ``nn.Embedding`` layers become ``LoRAEmbedding`` and ``nn.Conv1d/2d/3d`` layers ``LoRAConv``, each wrapping
+    the base module (PEFT's conventions; plain PyTorch ops, see ``fastlora.variants``; "all-linear" selects
+    linear layers only, as in PEFT). Layers that already are fastlora layers get the new adapter beside their
+    others. A convolution with groups > 1 needs a rank divisible by its groups. The new adapter becomes the
     active one (``set_adapter``); every parameter is frozen except its own and those of ``modules_to_save``
     (modules matched by the same rules, trained whole). Everything is checked before anything changes: on
     error the model is as it was.
@@ -359,7 +392,7 @@ def merge(model: nn.Module, adapter_names: str | list[str] | None = None, safe: 
     not merged again.
 
     ``safe`` checks every layer first and refuses non-finite results. On any error the whole model is left
-    as it was.
+    as it was; a ``LoRAConv`` with groups > 1 cannot be merged (NotImplementedError, as in PEFT).
     """
     _check_model(model)
     check_bool("safe", safe)
@@ -368,7 +401,7 @@ def merge(model: nn.Module, adapter_names: str | list[str] | None = None, safe: 
         _check_names(model, adapter_names, "adapter_names")
     layers = list(lora_layers(model).values())
 
-    def pending(layer: LoRALinear) -> list[str]:
+    def pending(layer: LoRALayer) -> list[str]:
         wanted = layer.active_adapters if adapter_names is None else adapter_names
         return [n for n in wanted if n in layer.lora_A and n not in layer.merged_adapters]
 
@@ -377,7 +410,7 @@ def merge(model: nn.Module, adapter_names: str | list[str] | None = None, safe: 
             names = pending(layer)
             if names and not torch.isfinite(layer.merged_weight(names)).all():
                 raise ValueError(f"merge: merging {names} gives non-finite weights; the model was left unchanged")
-    done: list[tuple[LoRALinear, list[str]]] = []
+    done: list[tuple[LoRALayer, list[str]]] = []
     try:
         for layer in layers:
             names = pending(layer)
@@ -437,6 +470,10 @@ def unload(model: nn.Module, merge: bool = True) -> nn.Module:
     active adapters merged in (``merge=True``) or dropped (``merge=False``). Returns ``model``. The new
     layers are all built before any is put in place.
 
+    A ``LoRAEmbedding`` / ``LoRAConv`` gives back its base module, or a shallow copy of it holding the merged
+    (or, while merged, the original) weight; ``merge=True`` refuses a grouped convolution with an adapter to
+    merge (NotImplementedError), before anything changes.
+
     A layer on a quantised base becomes its ``NF4Linear``: with ``merge=False`` its original codes, bit for
     bit; with ``merge=True`` the merged weight requantised to NF4 (lossy: a warning gives the largest error
     requantising introduced, as ``merge`` does). To keep a merged model exact, dequantise instead:
@@ -444,6 +481,8 @@ def unload(model: nn.Module, merge: bool = True) -> nn.Module:
     _check_model(model)
     check_bool("merge", merge)
     layers = lora_layers(model)
+    others = {name: layer.unloaded(merge) for name, layer in layers.items() if isinstance(layer, variants.VARIANT_LAYERS)}
+    layers = {name: layer for name, layer in layers.items() if name not in others}
     quantized = {name: _unloaded_quantized(layer, merge) for name, layer in layers.items() if layer.quantized}
     layers = {name: layer for name, layer in layers.items() if not layer.quantized}
     weights = {}
@@ -454,6 +493,7 @@ def unload(model: nn.Module, merge: bool = True) -> nn.Module:
             weights[name] = layer._unmerged_weight if layer._unmerged_weight is not None else layer.weight.detach()
     plain = {name: _plain(layer, weights[name]) for name, layer in layers.items()}
     plain.update(quantized)
+    plain.update(others)
     for name, module in plain.items():
         _set_submodule(model, name, module)
     mixed_batch.remove_keyword(model)
@@ -477,7 +517,9 @@ def combine(
     - "linear": all ranks equal; A = Σ sign(wᵢsᵢ)·√|wᵢsᵢ|·Aᵢ, B = Σ √|wᵢsᵢ|·Bᵢ.
     - "cat": ranks concatenated; A = [wᵢsᵢ·Aᵢ], B = [Bᵢ], so B·A = Σ wᵢsᵢ·Bᵢ·Aᵢ exactly.
     - "svd": the rank-``svd_rank`` (default: the largest rank) truncated SVD of Σ wᵢsᵢ·Bᵢ·Aᵢ: B = U·S, A = Vᵀ.
-      ``svd_rank`` must not exceed min(in_features, out_features) of any layer involved.
+      ``svd_rank`` must not exceed min(in_features, out_features) of any layer involved. On a ``LoRAConv``
+      the product is taken over the flattened kernel (A (r, in·k…)); a grouped convolution cannot (its ΔW
+      reaches across groups: NotImplementedError).
 
     Weights are finite numbers; zero and negative weights are allowed (as in PEFT). Every layer's new
     matrices are computed before any layer changes; on error the model is as it was.
@@ -513,6 +555,8 @@ def combine(
         ref = present[0] if first not in layer.lora_A else first
         if method == "linear":
             a, b = _combine_linear(layer, present, weights)
+        elif method == "cat" and isinstance(layer, variants.VARIANT_LAYERS):
+            a, b = variants.concat_adapters(layer, present, weights)
         elif method == "cat":
             a = torch.cat([layer.lora_A[n].data * weights[n] * layer.scaling[n] for n in present], dim=0)
             b = torch.cat([layer.lora_B[n].data for n in present], dim=1)
@@ -531,7 +575,7 @@ def combine(
     return model
 
 
-def _combine_linear(layer: LoRALinear, names: list[str], weights: Mapping[str, float]):
+def _combine_linear(layer: LoRALayer, names: list[str], weights: Mapping[str, float]):
     a = torch.zeros_like(layer.lora_A[names[0]])
     b = torch.zeros_like(layer.lora_B[names[0]])
     for n in names:
@@ -541,8 +585,12 @@ def _combine_linear(layer: LoRALinear, names: list[str], weights: Mapping[str, f
     return a, b
 
 
-def _combine_svd(layer: LoRALinear, names: list[str], weights: Mapping[str, float], rank: int):
-    delta = sum(weights[n] * layer.delta_weight([n]) for n in names)
+def _combine_svd(layer: LoRALayer, names: list[str], weights: Mapping[str, float], rank: int):
+    if isinstance(layer, variants.VARIANT_LAYERS):  # ΔW as a matrix (a conv's flattened over its kernel)
+        delta = sum(weights[n] * layer._delta_matrix(n, "method") for n in names)
+    else:
+        delta = sum(weights[n] * layer.delta_weight([n]) for n in names)
     u, s, vh = torch.linalg.svd(delta, full_matrices=True)
     rank = min(rank, s.shape[0])
-    return vh[:rank, :], u[:, :rank] @ torch.diag(s[:rank])
+    a, b = vh[:rank, :], u[:, :rank] @ torch.diag(s[:rank])
+    return layer._from_matrices(a, b) if isinstance(layer, variants.VARIANT_LAYERS) else (a, b)
