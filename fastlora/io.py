@@ -1,8 +1,10 @@
 """Adapters in PEFT's file format, both ways: ``adapter_model.safetensors`` + ``adapter_config.json``.
 
-Keys are ``base_model.model.<module path>.lora_A.weight`` / ``.lora_B.weight`` (and
-``base_model.model.<module path>.<param>`` for ``modules_to_save``), as ``PeftModel.save_pretrained``
-writes them, so ``PeftModel.from_pretrained`` reads what ``save_adapter`` writes and ``load_adapter`` reads
+Keys are ``base_model.model.<module path>.lora_A.weight`` / ``.lora_B.weight`` for linear layers and
+convolutions (a convolution's A (r, in_channels, *kernel_size), B (out_channels, r / groups, 1, ...)),
+``.lora_embedding_A`` / ``.lora_embedding_B`` for embeddings (A (r, num_embeddings), B (embedding_dim, r)), and
+``base_model.model.<module path>.<param>`` for ``modules_to_save``, as ``PeftModel.save_pretrained`` writes
+them, so ``PeftModel.from_pretrained`` reads what ``save_adapter`` writes and ``load_adapter`` reads
 what PEFT writes. Tensors are read with safetensors only: nothing is ever unpickled.
 """
 
@@ -28,6 +30,7 @@ from fastlora._checks import (
     check_rank,
     check_real,
 )
+from fastlora import variants
 from fastlora.layers import DEFAULT_ADAPTER
 from fastlora.model import _features, all_or_nothing, apply_injection, lora_layers, plan_injection
 
@@ -68,6 +71,15 @@ _UNDERSTOOD = {
     "base_model_name_or_path", "revision", "inference_mode", "auto_mapping", "peft_version", "megatron_core",
     "qalora_group_size", "ensure_weight_tying", "eva_config", "corda_config", "lora_ga_config",
 }  # fmt: skip
+
+
+def _adapter_keys(module: nn.Module, rank: int) -> dict[str, tuple[int, ...]]:
+    """{key suffix: shape} of the two adapter tensors PEFT's files hold for a target (a base layer or a
+    fastlora layer), in (A, B) order."""
+    if variants.is_variant_target(module) or isinstance(module, variants.VARIANT_LAYERS):
+        return variants.adapter_shapes(module, rank)
+    out_f, in_f = _features(module)
+    return {"lora_A.weight": (rank, in_f), "lora_B.weight": (out_f, rank)}
 
 
 def _single(values: list, what: str, adapter_name: str):
@@ -119,8 +131,9 @@ def save_adapter(model: nn.Module, path: str | Path, adapter_name: str = DEFAULT
     }
     tensors = {}
     for name, layer in layers.items():
-        tensors[f"{PREFIX}{name}.lora_A.weight"] = layer.lora_A[adapter_name].detach().contiguous().cpu()
-        tensors[f"{PREFIX}{name}.lora_B.weight"] = layer.lora_B[adapter_name].detach().contiguous().cpu()
+        key_a, key_b = _adapter_keys(layer, layer.r[adapter_name])
+        tensors[f"{PREFIX}{name}.{key_a}"] = layer.lora_A[adapter_name].detach().contiguous().cpu()
+        tensors[f"{PREFIX}{name}.{key_b}"] = layer.lora_B[adapter_name].detach().contiguous().cpu()
     for module_name in config["modules_to_save"] or []:
         for pname, p in model.get_submodule(module_name).named_parameters():
             tensors[f"{PREFIX}{module_name}.{pname}"] = p.detach().contiguous().cpu()
@@ -236,7 +249,9 @@ def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
 
 def load_adapter(model: nn.Module, path: str | Path, adapter_name: str = DEFAULT_ADAPTER) -> nn.Module:
     """Inject adapter ``adapter_name`` as ``path``'s config says and load its weights (files written by
-    PEFT or by ``save_adapter``). The adapter becomes the active one.
+    PEFT or by ``save_adapter``). The adapter becomes the active one. Targets may be linear layers,
+    embeddings and convolutions (``fastlora.variants``); an embedding's base weight saved beside its adapter
+    (PEFT's ``save_embedding_layers``) is loaded into the base, as PEFT does.
 
     Everything (config fields and their types, features, keys, shapes, dtypes, finiteness) is checked before
     the model changes, and the change itself is all-or-nothing: a bad file raises and leaves the model
@@ -251,10 +266,22 @@ def load_adapter(model: nn.Module, path: str | Path, adapter_name: str = DEFAULT
                           adapter_name, config["exclude_modules"], config["rank_pattern"], config["alpha_pattern"],
                           config["modules_to_save"])  # fmt: skip
     expected: dict[str, tuple[int, ...]] = {}
+    adapter_keys: dict[str, tuple[str, str]] = {}
+    # PEFT's save_embedding_layers (on by default when an embedding named embed_tokens / lm_head is a target)
+    # adds the targeted embedding's whole base weight as <module>.base_layer.weight, which from_pretrained loads
+    # into the base: optional here, and loaded the same way.
+    base_weights: dict[str, nn.Parameter] = {}
     for name, module, rank, _ in plan.targets:
-        out_f, in_f = _features(module)
-        expected[f"{PREFIX}{name}.lora_A.weight"] = (rank, in_f)
-        expected[f"{PREFIX}{name}.lora_B.weight"] = (out_f, rank)
+        keys = {f"{PREFIX}{name}.{suffix}": shape for suffix, shape in _adapter_keys(module, rank).items()}
+        expected.update(keys)
+        adapter_keys[name] = tuple(keys)
+        if isinstance(module, (nn.Embedding, variants.LoRAEmbedding)) and f"{PREFIX}{name}.base_layer.weight" in tensors:
+            base = variants._base_of(module)
+            if getattr(module, "merged_adapters", None):
+                raise ValueError(f"{path / WEIGHTS_NAME}: {PREFIX}{name}.base_layer.weight replaces the base weight of "
+                                 f"{name}, which has merged adapters {module.merged_adapters}; unmerge first")  # fmt: skip
+            expected[f"{PREFIX}{name}.base_layer.weight"] = tuple(base.weight.shape)
+            base_weights[f"{PREFIX}{name}.base_layer.weight"] = base.weight
     for module_name in plan.modules_to_save:
         for pname, p in model.get_submodule(module_name).named_parameters():
             expected[f"{PREFIX}{module_name}.{pname}"] = tuple(p.shape)
@@ -283,8 +310,11 @@ def load_adapter(model: nn.Module, path: str | Path, adapter_name: str = DEFAULT
         layers = lora_layers(model)
         with torch.no_grad():
             for name, *_ in plan.targets:
-                layers[name].lora_A[adapter_name].copy_(tensors[f"{PREFIX}{name}.lora_A.weight"])
-                layers[name].lora_B[adapter_name].copy_(tensors[f"{PREFIX}{name}.lora_B.weight"])
+                key_a, key_b = adapter_keys[name]
+                layers[name].lora_A[adapter_name].copy_(tensors[key_a])
+                layers[name].lora_B[adapter_name].copy_(tensors[key_b])
+            for key, weight in base_weights.items():
+                weight.copy_(tensors[key])
             for module_name in plan.modules_to_save:
                 for pname, p in model.get_submodule(module_name).named_parameters():
                     p.copy_(tensors[f"{PREFIX}{module_name}.{pname}"])

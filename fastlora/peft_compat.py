@@ -80,11 +80,11 @@ def accelerate(peft_model: nn.Module) -> nn.Module:
     if not isinstance(peft_model, (PeftModel, PeftMixedModel, BaseTuner)) and not any(
         isinstance(m, BaseTunerLayer) for _, m in modules
     ):
-        from fastlora.layers import LoRALinear
+        from fastlora.model import LORA_LAYERS
 
         hint = (
-            ": its LoRA layers are fastlora's own LoRALinear, which run the fused op already"
-            if any(isinstance(m, LoRALinear) for _, m in modules)
+            ": its LoRA layers are fastlora's own LoRALinear / LoRAEmbedding / LoRAConv, which need no accelerate"
+            if any(isinstance(m, LORA_LAYERS) for _, m in modules)
             else " (no layer of PEFT's tuners in it)"
         )
         name = type(peft_model).__name__
