@@ -19,6 +19,9 @@
    against eager calls with the same seed (the path has no host sync; tests/test_no_host_sync.py).
 5. QLoRA: the fused op over an NF4 weight against the bare bf16 layer at M = 4096 and 16 to 64, and against
    PEFT over bitsandbytes' Linear4bit where bitsandbytes imports on the GPU machine.
+6. Mixed-adapter batches (``multi_timings``).
+7. The CUDA extension (``cuda_extension``): built here, its kernel's numerics against float64 and bit for bit
+   against the host replay of its arithmetic, its decode timings, its CUDA graph capture.
 
 Usage: python benchmarks/gpu_check.py OUT_DIR [--quick]
 Writes OUT_DIR/gpu_check.json and OUT_DIR/gpu_check.md and prints the table last. ``--quick`` runs small
@@ -379,6 +382,193 @@ def multi_timings(device: torch.device, backends: list[str], quick: bool, rounds
     return rows
 
 
+def _extension_case(device, m, k, n, ranks, index, dtype, adapter_dtype, seed=0):
+    """Operands of ``torch.ops.fastlora.cuda_lora_decode`` on ``device`` (lanes past a rank are NaN: never read)."""
+    g = torch.Generator().manual_seed(seed)
+    r_max = max(ranks)
+    a = (torch.randn(len(ranks), r_max, k, generator=g) / k**0.5).to(adapter_dtype)
+    b = (torch.randn(len(ranks), n, r_max, generator=g) * 0.1).to(adapter_dtype)
+    for ad, r in enumerate(ranks):
+        a[ad, r:], b[ad, :, r:] = float("nan"), float("nan")
+    args = (torch.randn(m, k, generator=g).to(dtype), (torch.randn(n, k, generator=g) / k**0.5).to(dtype),
+            torch.randn(n, generator=g).to(dtype), a, b, None if index is None else torch.tensor(index),
+            torch.tensor([0.5 + 0.25 * i for i in range(len(ranks))]), torch.tensor(ranks, dtype=torch.int32))  # fmt: skip
+    return tuple(None if t is None else t.to(device) for t in args)
+
+
+def cuda_extension(device: torch.device, quick: bool, rounds: int) -> dict:
+    """The CUDA extension (csrc/): built here just in time (nvcc, ninja, pybind11), then
+    1. numerics: the kernel against float64 (within 2x PyTorch's own error in the same dtype plus a floor)
+       and bit for bit against the host replay of its arithmetic (tests/test_cuda_ext.py), odd shapes, ranks
+       1-256, per-row adapters with -1, bf16 and fp16, fp32 and 16-bit adapters;
+    2. timings, Llama-2-7B q, gate and down shapes, bf16, M = 1, 4, 16, r = 16, inference: the whole call
+       from Python (``fastlora.lora_linear`` on the "cuda" backend) against bare ``F.linear`` (target
+       <= 1.10x), PEFT's LoRA Linear (target >= 3x faster) and the Triton backend; the kernel alone from a
+       CUDA graph of 100 calls against the bandwidth floor (bytes of W, x, A, B, y at the copy bandwidth
+       measured here; target >= 80 %); and the call captured in a CUDA graph, checked against eager.
+    Skipped, with the reason, where the extension cannot be built or run."""
+    from fastlora import cuda_build, cuda_ext
+    from fastlora.backends import cuda_backend  # noqa: F401 (registers torch.ops.fastlora.cuda_lora_decode)
+
+    out: dict = {}
+    if device.type != "cuda":
+        return {"skipped": "needs a CUDA device"}
+    try:
+        start = time.time()
+        cuda_ext.build()
+        out["build_s"] = time.time() - start
+        built = cuda_build.build()  # up to date: nothing recompiles; its report
+        report = cuda_build.parse_ptxas(built.ptxas_log.read_text())
+        out["ptxas"] = {"variants": len(report), "max_registers": max(e["registers"] for e in report),
+                        "spill_bytes": sum(e["spill_stores"] + e["spill_loads"] for e in report)}  # fmt: skip
+    except Exception as err:
+        return {"skipped": f"build failed: {type(err).__name__}: {err}"[:800]}
+    reason = cuda_ext.unavailable_reason()
+    if reason is not None:
+        return {"skipped": reason, **out}
+    checks = []
+    try:
+        import ctypes
+
+        import numpy as np
+
+        replay = ctypes.CDLL(str(cuda_build.build_replay()))
+        cases = [(1, 4096, 4096, [16], None), (3, 1031, 517, [7, 16], [1, -1, 0]),
+                 (16, 4096, 11008 if not quick else 1000, [256, 1], [0, 1, -1, 1] * 4), (5, 264, 37, [1], None)]  # fmt: skip
+        for (m, k, n, ranks, index) in cases:
+            for dtype, adapter_dtype in ((torch.bfloat16, torch.float32), (torch.float16, torch.float16),
+                                         (torch.bfloat16, torch.bfloat16)):  # fmt: skip
+                args = _extension_case(device, m, k, n, ranks, index, dtype, adapter_dtype)
+                y = torch.ops.fastlora.cuda_lora_decode(*args)
+                torch.cuda.synchronize()
+                x, w, bias, a, b, idx, scales, rk = (None if t is None else t.cpu() for t in args)
+                truth = _decode_truth(x, w, bias, a, b, idx, ranks, scales.tolist(), torch.float64)
+                ours = _rel(y.cpu().double(), truth)
+                torch_err = _rel(_decode_truth(x, w, bias, a, b, idx, ranks, scales.tolist(), torch.float32).double(), truth)
+                replayed = _replay_decode(replay, np, ctypes, x, w, bias, a, b, idx, ranks, scales.tolist()).to(dtype)
+                mismatches = int((replayed.view(torch.int16) != y.cpu().view(torch.int16)).sum())
+                ok = ours <= 2 * torch_err + {torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}[dtype] and mismatches == 0
+                checks.append({"m": m, "k": k, "n": n, "ranks": ranks, "dtype": str(dtype), "adapter_dtype": str(adapter_dtype),
+                               "rel_err": ours, "torch_rel_err": torch_err, "replay_mismatches": mismatches, "ok": ok})  # fmt: skip
+    except Exception as err:
+        checks.append({"ok": False, "error": f"{type(err).__name__}: {err}"[:500]})
+    out["numerics"] = checks
+    out["timings"] = _extension_timings(device, quick, rounds)
+    return out
+
+
+def _rel(value, truth) -> float:
+    return ((value - truth).abs().max() / truth.abs().max().clamp_min(1e-30)).item()
+
+
+def _decode_truth(x, w, bias, a, b, index, ranks, scales, dtype):
+    """Row by row in ``dtype`` (S rounded to x's dtype as PyTorch's two-GEMM path does, unless float64)."""
+    rows = []
+    for m in range(x.shape[0]):
+        ad = 0 if index is None else int(index[m])
+        row = x[m].to(dtype) @ w.to(dtype).t() + bias.to(dtype)
+        if ad >= 0:
+            s = x[m].to(dtype) @ a[ad, : ranks[ad]].to(dtype).t()
+            s = s if dtype == torch.float64 else s.to(x.dtype).to(dtype)
+            row = row + scales[ad] * (s @ b[ad, :, : ranks[ad]].to(dtype).t())
+        rows.append(row if dtype == torch.float64 else row.to(x.dtype))
+    return torch.stack(rows)
+
+
+def _replay_decode(lib, np, ctypes, x, w, bias, a, b, index, ranks, scales):
+    """The host replay (csrc/replay.cpp) of the kernel's arithmetic: y (M, N) in fp32 before rounding."""
+    def arr(t, kind=np.float32):
+        return np.ascontiguousarray(t.float().numpy() if kind == np.float32 else t.numpy().astype(kind))
+
+    def ptr(v, kind=ctypes.c_float):
+        return None if v is None else v.ctypes.data_as(ctypes.POINTER(kind))
+
+    m, k, n, r_max = x.shape[0], x.shape[1], w.shape[0], a.shape[1]
+    xs, ws, bs_, as_, bb = arr(x), arr(w), arr(bias), arr(a), arr(b)
+    idx = None if index is None else arr(index, np.int64)
+    rk, sc = np.array(ranks, dtype=np.int32), np.array(scales, dtype=np.float32)
+    s, y = np.zeros((m, r_max), dtype=np.float32), np.zeros((m, n), dtype=np.float32)
+    i64 = ctypes.c_int64
+    lib.fastlora_replay_shrink(ptr(xs), ptr(as_), ptr(idx, ctypes.c_int64), ptr(rk, ctypes.c_int32), i64(m), i64(k),
+                               i64(r_max), ptr(s))  # fmt: skip
+    lib.fastlora_replay_decode(ptr(xs), ptr(ws), ptr(bs_), ptr(bb), ptr(s), ptr(idx, ctypes.c_int64),
+                               ptr(rk, ctypes.c_int32), ptr(sc), i64(m), i64(n), i64(k), i64(r_max), ptr(y))  # fmt: skip
+    return torch.from_numpy(y)
+
+
+def _extension_timings(device: torch.device, quick: bool, rounds: int) -> list[dict]:
+    shapes = layer_shapes("Llama-2-7B")
+    layers = ["q"] if quick else ["q", "gate", "down"]
+    probe = torch.empty(1 << 28, dtype=torch.uint8, device=device)  # 256 MiB: the copy bandwidth achievable here
+    copy_ms = median_ms(lambda: probe.clone(), device)
+    bandwidth = 2 * probe.numel() / (copy_ms * 1e-3)  # bytes per second, read + write
+    del probe
+    rows = []
+    for layer in layers:
+        k, n = shapes[layer]
+        for m in (1, 4, 16):
+            row = {"layer": layer, "m": m, "k": k, "n": n, "r": 16, "copy_GBps": bandwidth / 1e9}
+            rows.append(row)
+            try:
+                from peft import LoraConfig, get_peft_model
+
+                g = torch.Generator(device=device).manual_seed(0)
+                base = torch.nn.Linear(k, n, bias=False, device=device, dtype=torch.bfloat16)
+                peft = get_peft_model(torch.nn.Sequential(base), LoraConfig(r=16, lora_alpha=32, target_modules=["0"]))
+                peft = peft.to(torch.bfloat16).eval()
+                lin = peft.base_model.model[0]
+                torch.nn.init.normal_(lin.lora_B["default"].weight, std=0.02, generator=g)
+                w, a, b = base.weight.detach(), lin.lora_A["default"].weight.detach(), lin.lora_B["default"].weight.detach()
+                x = torch.randn(m, k, device=device, dtype=torch.bfloat16, generator=g)
+
+                def ours():
+                    with fastlora.use_backend("cuda"):
+                        return fastlora.lora_linear(x, w, None, a, b, 2.0, training=False)
+
+                def triton_call():
+                    with fastlora.use_backend("triton"):
+                        return fastlora.lora_linear(x, w, None, a, b, 2.0, training=False)
+
+                with torch.no_grad():
+                    want = peft(x).float()
+                    got = ours().float()
+                    row["check_rel_err"] = _rel(got, want)
+                    variants = {"bare_ms": lambda: F.linear(x, w), "cuda_ms": ours, "triton_ms": triton_call,
+                                "peft_ms": lambda: peft(x)}  # fmt: skip
+                    times: dict[str, list[float]] = {key: [] for key in variants}
+                    for _ in range(rounds):
+                        for key, fn in variants.items():
+                            times[key].append(median_ms(fn, device))
+                    row.update({key: sorted(v)[len(v) // 2] for key, v in times.items()})
+                    # The kernel alone: 100 calls in a CUDA graph, replayed (no host time), and the same graph's
+                    # output against an eager call.
+                    stream = torch.cuda.Stream()
+                    stream.wait_stream(torch.cuda.current_stream())
+                    with torch.cuda.stream(stream):
+                        ours()
+                    torch.cuda.current_stream().wait_stream(stream)
+                    graph = torch.cuda.CUDAGraph()
+                    with torch.cuda.graph(graph):
+                        for _ in range(100):
+                            captured = ours()
+                    graph.replay()
+                    torch.cuda.synchronize()
+                    row["graph_same_as_eager"] = bool(torch.equal(captured, ours()))
+                    row["kernel_us"] = median_ms(graph.replay, device) * 1e3 / 100
+                nbytes = 2 * (n * k + m * k + 16 * k + n * 16 + m * n)
+                row["floor_us"] = nbytes / bandwidth * 1e6
+                row["floor_fraction"] = row["floor_us"] / row["kernel_us"]
+                row["vs_bare"] = row["cuda_ms"] / row["bare_ms"]
+                row["speedup_vs_peft"] = row["peft_ms"] / row["cuda_ms"]
+                if not row["check_rel_err"] < 2e-2:
+                    raise AssertionError(f"cuda backend off PEFT's output by {row['check_rel_err']:.3g}")
+                if not row["graph_same_as_eager"]:
+                    raise AssertionError("the CUDA graph's replay differs from an eager call")
+            except Exception as err:
+                row["error"] = f"{type(err).__name__}: {err}"[:500]
+    return rows
+
+
 def _ratios(rows: list[dict]) -> list[dict]:
     """Per grid point: the fused backend's ratios to the floor and to PEFT, and the targets that apply."""
     out = []
@@ -454,6 +644,23 @@ def to_markdown(result: dict) -> str:
             lines.append(f"| {q['rows']} | {q['adapters']} | {q['backend']} | {q['multi_fwd_ms']:.3f} | "
                          f"{f(q.get('fwd_vs_single'), '.3f')} | {f(q.get('fwd_bwd_vs_single'), '.3f')} | "
                          f"{f(q.get('peft_fwd_ms'), '.3f')} | {f(q.get('speedup_vs_peft'), '.2f')} |")  # fmt: skip
+    ext = result.get("cuda_extension", {})
+    lines += ["", "CUDA extension (csrc/, one-launch decode): " + (("skipped: " + ext["skipped"]) if "skipped" in ext else
+              f"built in {ext.get('build_s', 0):.0f} s, ptxas {ext.get('ptxas')}")]  # fmt: skip
+    for c in ext.get("numerics", []):
+        lines.append(f"- numerics {c.get('m')}x{c.get('k')}->{c.get('n')} ranks {c.get('ranks')} {c.get('dtype')} / "
+                     f"{c.get('adapter_dtype')}: " + ("ok" if c.get("ok") else "FAILED") + f" (rel err {c.get('rel_err')}, "
+                     f"PyTorch's {c.get('torch_rel_err')}, replay mismatches {c.get('replay_mismatches')}) {c.get('error', '')}")  # fmt: skip
+    if ext.get("timings"):
+        lines += ["", "| layer | M | F.linear ms | cuda ms | vs F.linear (<= 1.10) | PEFT ms | speed-up over PEFT (>= 3) | "
+                  "triton ms | kernel us | floor us | of floor (>= 0.8) |", "|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+        for q in ext["timings"]:
+            if "error" in q:
+                lines.append(f"| {q['layer']} | {q['m']} | FAILED {q['error']} | | | | | | | | |")
+                continue
+            lines.append(f"| {q['layer']} | {q['m']} | {q['bare_ms']:.4f} | {q['cuda_ms']:.4f} | {q['vs_bare']:.3f} | "
+                         f"{q['peft_ms']:.4f} | {q['speedup_vs_peft']:.2f} | {q['triton_ms']:.4f} | {q['kernel_us']:.2f} | "
+                         f"{q['floor_us']:.2f} | {q['floor_fraction']:.2f} |")  # fmt: skip
     for g in result.get("graph_capture", []):
         lines.append(f"- {g['case']}: " + (g["skipped"] if "skipped" in g else "same as eager" if g["ok"] else "FAILED " + g["error"]))
     lines += ["", "| layer | p | variant | fwd / floor | fwd+bwd / floor (target) | speed-up over PEFT, fwd+bwd (target) |",
@@ -484,6 +691,7 @@ def main(argv: list[str] | None = None) -> int:
         result["graph_capture"] = graph_capture(device, backends)
         result["qlora"] = qlora_timings(device, backends, args.quick, rounds=1 if args.quick else 3)
         result["multi"] = multi_timings(device, backends, args.quick, rounds=1 if args.quick else 3)
+        result["cuda_extension"] = cuda_extension(device, args.quick, rounds=1 if args.quick else 3)
     except Exception:
         result["crash"] = traceback.format_exc()
         result.setdefault("numerics", [])
@@ -493,6 +701,7 @@ def main(argv: list[str] | None = None) -> int:
         result.setdefault("graph_capture", [])
         result.setdefault("qlora", [])
         result.setdefault("multi", [])
+        result.setdefault("cuda_extension", {"skipped": "the check crashed before it"})
     result["seconds"] = time.time() - start
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "gpu_check.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
@@ -503,7 +712,9 @@ def main(argv: list[str] | None = None) -> int:
     print(table)
     failed = (not all(c["ok"] for c in result["numerics"]) or any("error" in g for g in result["main_loop_gap"])
               or any("error" in g for g in result["graph_capture"]) or any("error" in g for g in result["qlora"])
-              or any("error" in g for g in result["multi"]))  # fmt: skip
+              or any("error" in g for g in result["multi"])
+              or not all(c.get("ok") for c in result["cuda_extension"].get("numerics", []))
+              or any("error" in g for g in result["cuda_extension"].get("timings", [])))  # fmt: skip
     return 1 if "crash" in result or failed else 0
 
 

@@ -8,9 +8,10 @@ import sys
 
 __all__ = ["main"]
 
-USAGE = """usage: fastlora {info,bench,demo} [options]
+USAGE = """usage: fastlora {info,bench,demo,build-cuda} [options]
 
   info    versions, devices, and which backend runs where (and why the others don't)
+  build-cuda  build the CUDA extension (csrc/) just in time into the cache: nvcc, ninja, pybind11
   bench   fastlora against bare F.linear, PEFT and the reference, measured in one process
   demo    LoRA fine-tuning of a small pretrained model, offline: train, save, reload, merge, switch
 
@@ -28,6 +29,25 @@ def _info(argv: list[str]) -> int:
     return 0
 
 
+def _build_cuda(argv: list[str]) -> int:
+    from fastlora import cuda_build, cuda_ext
+
+    parser = argparse.ArgumentParser(prog="fastlora build-cuda", description="Build the CUDA extension (csrc/) "
+                                     "with nvcc and ninja into fastlora's cache; later imports find it there.")  # fmt: skip
+    parser.add_argument("--archs", nargs="+", default=list(cuda_build.ARCHS),
+                        help="compute capabilities to compile machine code for (PTX for the last)")  # fmt: skip
+    parser.add_argument("--verbose", action="store_true", help="show the compiler commands")
+    args = parser.parse_args(argv)
+    try:
+        module = cuda_ext.build(archs=tuple(args.archs), verbose=args.verbose)
+    except cuda_build.BuildError as err:
+        print(f"fastlora build-cuda: {err}", file=sys.stderr)
+        return 1
+    reason = module.unavailable_reason()
+    print(f"built {module.__file__} for {module.ARCHS}; " + ("it runs here" if not reason else f"it cannot run here: {reason}"))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
@@ -36,6 +56,8 @@ def main(argv: list[str] | None = None) -> int:
     command, rest = argv[0], argv[1:]
     if command == "info":
         return _info(rest)
+    if command == "build-cuda":
+        return _build_cuda(rest)
     if command == "bench":
         from fastlora.bench import main as bench
 

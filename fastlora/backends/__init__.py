@@ -51,11 +51,14 @@ ENV_VAR = "FASTLORA_BACKEND"
 _MODULES: dict[str, str] = {
     "torch": "fastlora.backends.torch_backend",
     "triton": "fastlora.backends.triton_backend",
+    "cuda": "fastlora.backends.cuda_backend",
 }
 BACKEND_NAMES: tuple[str, ...] = tuple(_MODULES)
 
 # What "auto" tries, fastest first, per device type. The torch backend runs everywhere and ends each list.
-_AUTO_ORDER: dict[str, tuple[str, ...]] = {"cuda": ("triton",)}
+# On CUDA devices the "cuda" backend (the extension's decode kernel, Triton for the rest) comes first when
+# the extension is built and runs; else Triton.
+_AUTO_ORDER: dict[str, tuple[str, ...]] = {"cuda": ("cuda", "triton")}
 _AUTO_FALLBACK: tuple[str, ...] = ("torch",)
 
 _selected: str | None = None
