@@ -400,7 +400,7 @@ def cuda_extension(device: torch.device, quick: bool, rounds: int) -> dict:
     """The CUDA extension (csrc/): built here just in time (nvcc, ninja, pybind11), then
     1. numerics: the kernel against float64 (within 2x PyTorch's own error in the same dtype plus a floor)
        and bit for bit against the host replay of its arithmetic (tests/test_cuda_ext.py), odd shapes, ranks
-       1-256, per-row adapters with -1, bf16 and fp16, fp32 and 16-bit adapters;
+       1-256, per-row adapters with -1, bf16 and fp16, fp32 and 16-bit adapters, a dense and an NF4 base;
     2. timings, Llama-2-7B q, gate and down shapes, bf16, M = 1, 4, 16, r = 16, inference: the whole call
        from Python (``fastlora.lora_linear`` on the "cuda" backend) against bare ``F.linear`` (target
        <= 1.10x), PEFT's LoRA Linear (target >= 3x faster) and the Triton backend; the kernel alone from a
@@ -450,6 +450,23 @@ def cuda_extension(device: torch.device, quick: bool, rounds: int) -> dict:
                 ok = ours <= 2 * torch_err + {torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}[dtype] and mismatches == 0
                 checks.append({"m": m, "k": k, "n": n, "ranks": ranks, "dtype": str(dtype), "adapter_dtype": str(adapter_dtype),
                                "rel_err": ours, "torch_rel_err": torch_err, "replay_mismatches": mismatches, "ok": ok})  # fmt: skip
+        # An NF4 base (double-quantised, blocksize 64): the kernel decodes W as it reads it; the replay gets
+        # fastlora.nf4.dequantize's values, which the kernel's decoding matches (tests/test_cuda_ext.py).
+        for (m, k, n, ranks, index) in [(4, 4096, 4096, [16], None), (3, 1031, 517, [7, 16], [1, -1, 0])]:
+            args = _extension_case(device, m, k, n, ranks, index, torch.bfloat16, torch.float32, seed=1)
+            x, w, bias, a, b, idx, scales, rk = (None if t is None else t.cpu() for t in args)
+            q = nf4.quantize(w, 64, True)
+            w_q = nf4.dequantize(q, torch.bfloat16)
+            y = cuda_backend.decode(args[0], q.to(device), args[2], args[3], args[4], args[5], args[6], args[7], 0.0, 0)
+            torch.cuda.synchronize()
+            truth = _decode_truth(x, w_q, bias, a, b, idx, ranks, scales.tolist(), torch.float64)
+            ours = _rel(y.cpu().double(), truth)
+            torch_err = _rel(_decode_truth(x, w_q, bias, a, b, idx, ranks, scales.tolist(), torch.float32).double(), truth)
+            replayed = _replay_decode(replay, np, ctypes, x, w_q, bias, a, b, idx, ranks, scales.tolist()).bfloat16()
+            mismatches = int((replayed.view(torch.int16) != y.cpu().view(torch.int16)).sum())
+            checks.append({"m": m, "k": k, "n": n, "ranks": ranks, "dtype": "NF4 -> torch.bfloat16",
+                           "adapter_dtype": "torch.float32", "rel_err": ours, "torch_rel_err": torch_err,
+                           "replay_mismatches": mismatches, "ok": ours <= 2 * torch_err + 2.0**-8 and mismatches == 0})  # fmt: skip
     except Exception as err:
         checks.append({"ok": False, "error": f"{type(err).__name__}: {err}"[:500]})
     out["numerics"] = checks

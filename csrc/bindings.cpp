@@ -70,7 +70,7 @@ PYBIND11_MODULE(_fastlora_cuda, m) {
            std::uintptr_t lora_b, std::uintptr_t index, std::uintptr_t scales, std::uintptr_t ranks, float scale0,
            int rank0, std::uintptr_t workspace, std::uintptr_t counters, std::uintptr_t shrink_out,
            std::vector<int64_t> sizes, std::vector<int64_t> strides, int dtype, int adapter_dtype,
-           bool vector_loads, int device, std::uintptr_t stream) {
+           bool vector_loads, int device, std::uintptr_t stream, std::vector<std::uintptr_t> nf4, int nf4_block_shift) {
             if (sizes.size() != 5) throw std::invalid_argument("sizes: expected (M, N, K, n_adapters, r_max)");
             if (strides.size() != 9)
                 throw std::invalid_argument("strides: expected (xm, ym, wn, an, ar, bn, bo, br, sm)");
@@ -90,6 +90,17 @@ PYBIND11_MODULE(_fastlora_cuda, m) {
             a.stride_bn = strides[5], a.stride_bo = strides[6], a.stride_br = strides[7];
             a.stride_sm = strides[8];
             a.dtype = dtype, a.adapter_dtype = adapter_dtype, a.vector_loads = vector_loads ? 1 : 0;
+            if (!nf4.empty()) {
+                if (nf4.size() != 5)
+                    throw std::invalid_argument("nf4: expected (packed, absmax, absmax_scale, absmax_offset, absmax_code)");
+                a.weight_format = fastlora::kNF4;
+                a.nf4_packed = static_cast<const uint8_t*>(as_ptr(nf4[0]));
+                a.nf4_absmax = as_ptr(nf4[1]);
+                a.nf4_absmax_scale = static_cast<const float*>(as_ptr(nf4[2]));
+                a.nf4_absmax_offset = static_cast<const float*>(as_ptr(nf4[3]));
+                a.nf4_absmax_code = static_cast<const float*>(as_ptr(nf4[4]));
+                a.nf4_block_shift = nf4_block_shift;
+            }
             check(cudaSetDevice(device), "cudaSetDevice");
             check(fastlora::launch_lora_decode(a, device, reinterpret_cast<cudaStream_t>(stream)), "launch");
         },
@@ -97,6 +108,8 @@ PYBIND11_MODULE(_fastlora_cuda, m) {
         py::arg("index"), py::arg("scales"), py::arg("ranks"), py::arg("scale0"), py::arg("rank0"),
         py::arg("workspace"), py::arg("counters"), py::arg("shrink_out"), py::arg("sizes"), py::arg("strides"),
         py::arg("dtype"), py::arg("adapter_dtype"), py::arg("vector_loads"), py::arg("device"), py::arg("stream"),
+        py::arg("nf4") = std::vector<std::uintptr_t>{}, py::arg("nf4_block_shift") = 0,
         "Launch the decode kernel (see csrc/lora_decode.h for the arguments' meaning); raises RuntimeError on a "
-        "launch error. Pointers are integers (0 = null), strides in elements.");
+        "launch error. Pointers are integers (0 = null), strides in elements; `nf4` (5 pointers) selects an NF4 "
+        "weight instead of `w`.");
 }

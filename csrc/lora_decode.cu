@@ -1,4 +1,5 @@
-// One-launch LoRA linear for decode (M <= 16 rows), inference: every row with its own adapter (BGMV).
+// One-launch LoRA linear for decode (M <= 16 rows), inference: every row with its own adapter (BGMV), over a
+// dense weight or an NF4 one (dequantised in registers, as it is read).
 //
 //   y = x . W^T + b + s_a * (x . A_a^T) . B_a^T,   a = index[m] (-1: base only)
 //
@@ -59,6 +60,43 @@ __device__ __forceinline__ void load8(const T* p, int64_t k0, int64_t K, bool ve
     } else {
 #pragma unroll
         for (int e = 0; e < kVec; ++e) out[e] = k0 + e < K ? to_float(p[k0 + e]) : 0.0f;
+    }
+}
+
+__constant__ float kNf4Values[16] = {FASTLORA_NF4_CODE_VALUES};
+
+// A block's fp32 absmax, plain or double-quantised.
+__device__ __forceinline__ float nf4_absmax(const DecodeArgs& a, int64_t block) {
+    if (a.nf4_absmax_code == nullptr) return __ldg(static_cast<const float*>(a.nf4_absmax) + block);
+    const uint8_t code = __ldg(static_cast<const uint8_t*>(a.nf4_absmax) + block);
+    return nf4_absmax_double(__ldg(a.nf4_absmax_code + code), __ldg(a.nf4_absmax_scale + (block >> 8)),
+                             __ldg(a.nf4_absmax_offset));
+}
+
+// Eight elements of W's row n from k0 as floats (zeros past K): decoded, rounded to T as dequantising to
+// T does, widened. With `vec` (K % 8 == 0: the 8 codes are 4 aligned bytes in one absmax block, since every
+// blocksize is a multiple of 8), one 4-byte load and one absmax.
+template <class T>
+__device__ __forceinline__ void load8_nf4(const DecodeArgs& a, const float* table, int64_t n, int64_t k0, bool vec,
+                                          float (&out)[kVec]) {
+    const int64_t e0 = n * a.K + k0;
+    if (vec && k0 + kVec <= a.K) {
+        const uint32_t codes = __ldg(reinterpret_cast<const uint32_t*>(a.nf4_packed + (e0 >> 1)));
+        const float absmax = nf4_absmax(a, e0 >> a.nf4_block_shift);
+#pragma unroll
+        for (int i = 0; i < kVec / 2; ++i) {
+            const uint32_t byte = (codes >> (8 * i)) & 0xffu;
+            out[2 * i] = to_float(from_float<T>(fl_mul(table[byte >> 4], absmax)));
+            out[2 * i + 1] = to_float(from_float<T>(fl_mul(table[byte & 15u], absmax)));
+        }
+    } else {
+#pragma unroll
+        for (int i = 0; i < kVec; ++i) {
+            const int64_t e = e0 + i;
+            out[i] = k0 + i < a.K ? to_float(from_float<T>(fl_mul(table[nf4_code(__ldg(a.nf4_packed + (e >> 1)), e)],
+                                                                  nf4_absmax(a, e >> a.nf4_block_shift))))
+                                  : 0.0f;
+        }
     }
 }
 
@@ -129,9 +167,16 @@ __device__ void shrink_items(const DecodeArgs& a, int lane) {
 // without it spills a few registers of some variants (sm_80 and sm_90) to reach an occupancy of its own.
 constexpr int kMinBlocks = 4;
 
-template <int MB, class T, class TA>
+template <int MB, class T, class TA, int WF>
 __global__ void __launch_bounds__(kWarps * kWarp, kMinBlocks) lora_decode_kernel(const __grid_constant__ DecodeArgs a) {
     const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
+    // NF4's 16 code values in shared memory: lanes look up different codes at once (constant memory would
+    // serialise them).
+    __shared__ float nf4_table[16];
+    if constexpr (WF == kNF4) {
+        if (threadIdx.x < 16) nf4_table[threadIdx.x] = kNf4Values[threadIdx.x];
+        __syncthreads();
+    }
     shrink_items<T, TA>(a, lane);
 
     const T* x = static_cast<const T*>(a.x);
@@ -150,7 +195,11 @@ __global__ void __launch_bounds__(kWarps * kWarp, kMinBlocks) lora_decode_kernel
             [&](int m, int64_t k0, float (&v)[kVec]) { load8(x + m * a.stride_xm, k0, a.K, vec, v); },
             [&](int c, int64_t k0, float (&v)[kVec]) {
                 if (n0 + c < a.N) {
-                    load8(w + (n0 + c) * a.stride_wn, k0, a.K, vec, v);
+                    if constexpr (WF == kNF4) {
+                        load8_nf4<T>(a, nf4_table, n0 + c, k0, vec, v);
+                    } else {
+                        load8(w + (n0 + c) * a.stride_wn, k0, a.K, vec, v);
+                    }
                 } else {
 #pragma unroll
                     for (int e = 0; e < kVec; ++e) v[e] = 0.0f;
@@ -202,32 +251,41 @@ __global__ void __launch_bounds__(kWarps * kWarp, kMinBlocks) lora_decode_kernel
 
 using Kernel = void (*)(const DecodeArgs);
 
+template <int MB, class T, class TA>
+Kernel pick_format(int weight_format) {
+    switch (weight_format) {
+        case kDense: return lora_decode_kernel<MB, T, TA, kDense>;
+        case kNF4: return lora_decode_kernel<MB, T, TA, kNF4>;
+        default: return nullptr;
+    }
+}
+
 template <int MB, class T>
-Kernel pick_adapter(int adapter_dtype) {
+Kernel pick_adapter(int adapter_dtype, int weight_format) {
     switch (adapter_dtype) {
-        case kFloat16: return lora_decode_kernel<MB, T, __half>;
-        case kBFloat16: return lora_decode_kernel<MB, T, __nv_bfloat16>;
-        case kFloat32: return lora_decode_kernel<MB, T, float>;
+        case kFloat16: return pick_format<MB, T, __half>(weight_format);
+        case kBFloat16: return pick_format<MB, T, __nv_bfloat16>(weight_format);
+        case kFloat32: return pick_format<MB, T, float>(weight_format);
         default: return nullptr;
     }
 }
 
 template <int MB>
-Kernel pick_dtype(int dtype, int adapter_dtype) {
+Kernel pick_dtype(int dtype, int adapter_dtype, int weight_format) {
     switch (dtype) {
-        case kFloat16: return pick_adapter<MB, __half>(adapter_dtype);
-        case kBFloat16: return pick_adapter<MB, __nv_bfloat16>(adapter_dtype);
+        case kFloat16: return pick_adapter<MB, __half>(adapter_dtype, weight_format);
+        case kBFloat16: return pick_adapter<MB, __nv_bfloat16>(adapter_dtype, weight_format);
         default: return nullptr;
     }
 }
 
 Kernel pick(const DecodeArgs& a) {
     switch (row_bucket(a.M)) {
-        case 1: return pick_dtype<1>(a.dtype, a.adapter_dtype);
-        case 2: return pick_dtype<2>(a.dtype, a.adapter_dtype);
-        case 4: return pick_dtype<4>(a.dtype, a.adapter_dtype);
-        case 8: return pick_dtype<8>(a.dtype, a.adapter_dtype);
-        case 16: return pick_dtype<16>(a.dtype, a.adapter_dtype);
+        case 1: return pick_dtype<1>(a.dtype, a.adapter_dtype, a.weight_format);
+        case 2: return pick_dtype<2>(a.dtype, a.adapter_dtype, a.weight_format);
+        case 4: return pick_dtype<4>(a.dtype, a.adapter_dtype, a.weight_format);
+        case 8: return pick_dtype<8>(a.dtype, a.adapter_dtype, a.weight_format);
+        case 16: return pick_dtype<16>(a.dtype, a.adapter_dtype, a.weight_format);
         default: return nullptr;
     }
 }

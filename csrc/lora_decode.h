@@ -8,13 +8,14 @@
 namespace fastlora {
 
 enum DType : int { kFloat16 = 0, kBFloat16 = 1, kFloat32 = 2 };
+enum WeightFormat : int { kDense = 0, kNF4 = 1 };
 
 // y (M, N) = x (M, K) . W (N, K)^T + bias + scale_a * (x . A_a^T) . B_a^T, a = each row's adapter.
 // Strides are in elements; the last dimension of x, W and A (K) is contiguous, y's rows are contiguous.
 struct DecodeArgs {
     void* y;                  // (M, N), dtype
     const void* x;            // (M, K), dtype
-    const void* w;            // (N, K), dtype
+    const void* w;            // (N, K), dtype (dense format)
     const void* bias;         // (N,), dtype, or null
     const void* lora_a;       // (n, r_max, K), adapter_dtype
     const void* lora_b;       // (n, N, r_max), adapter_dtype, any strides
@@ -33,7 +34,16 @@ struct DecodeArgs {
     int64_t stride_sm;                         // shrink_out rows
     int dtype;                // kFloat16 or kBFloat16: x, W, bias, y
     int adapter_dtype;        // kFloat16, kBFloat16 or kFloat32
-    int vector_loads;         // 1: x, W, A rows start 16-byte aligned and K % 8 == 0
+    int vector_loads;         // 1: x, W, A rows start 16-byte aligned (NF4: the packed bytes 4-byte
+                              // aligned) and K % 8 == 0
+    // NF4 format (fastlora/nf4.py): W dequantised in registers, each element rounded to dtype.
+    int weight_format;        // kDense or kNF4
+    const uint8_t* nf4_packed;        // (ceil(N K / 2),) two codes a byte, the even element high
+    const void* nf4_absmax;           // (blocks,) fp32, or uint8 codes when double-quantised
+    const float* nf4_absmax_scale;    // (ceil(blocks / 256),) fp32, double quantisation only, else null
+    const float* nf4_absmax_offset;   // () fp32, double quantisation only
+    const float* nf4_absmax_code;     // (256,) fp32, double quantisation only
+    int nf4_block_shift;              // log2(blocksize)
 };
 
 // Launches on `stream`; returns the launch's error (cudaSuccess when queued).

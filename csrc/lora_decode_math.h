@@ -20,6 +20,12 @@
 #else
 #define FL_HD inline
 #endif
+// Loops over compile-time counts unrolled on the device, so that arrays indexed by them stay in registers.
+#if defined(__CUDA_ARCH__)
+#define FL_UNROLL _Pragma("unroll")
+#else
+#define FL_UNROLL
+#endif
 
 namespace fastlora {
 
@@ -63,6 +69,48 @@ FL_HD float fl_fma(float a, float b, float c) {
 #endif
 }
 
+// Products and sums that must round separately (nvcc would otherwise fuse a * b + c into one FMA).
+FL_HD float fl_mul(float a, float b) {
+#if defined(__CUDA_ARCH__)
+    return __fmul_rn(a, b);
+#else
+    return a * b;
+#endif
+}
+FL_HD float fl_add(float a, float b) {
+#if defined(__CUDA_ARCH__)
+    return __fadd_rn(a, b);
+#else
+    return a + b;
+#endif
+}
+
+// --- NF4 (bitsandbytes' 4-bit NormalFloat; fastlora/nf4.py has the layout) -------------------------------
+
+// The 16 code values, exactly fastlora.nf4.nf4_code_table() (fp32, as hexadecimal literals): the host's
+// table below and the kernel's constant-memory one are both made from this list.
+#define FASTLORA_NF4_CODE_VALUES \
+    -0x1p+0f, -0x1.647362p-1f, -0x1.0cd66p-1f, -0x1.94654p-2f, \
+    -0x1.23449ap-2f, -0x1.7a6a7ep-3f, -0x1.74f0e2p-4f, 0x0p+0f, \
+    0x1.45f5fep-4f, 0x1.4995c6p-3f, 0x1.f809bap-3f, 0x1.5a0674p-2f, \
+    0x1.c3497p-2f, 0x1.200f56p-1f, 0x1.722766p-1f, 0x1p+0f
+
+#if !defined(__CUDA_ARCH__)
+inline float nf4_code_value(int code) {
+    static const float table[16] = {FASTLORA_NF4_CODE_VALUES};
+    return table[code & 15];
+}
+#endif
+
+// A double-quantised block's absmax: its 8-bit code's value times the scale of its run of 256 blocks, then
+// plus the offset: two roundings, as bitsandbytes (one FMA can differ in the last bit).
+FL_HD float nf4_absmax_double(float code_value, float scale, float offset) {
+    return fl_add(fl_mul(code_value, scale), offset);
+}
+
+// The code of flat element e from the packed bytes: the even element is the high nibble.
+FL_HD int nf4_code(uint8_t byte, int64_t e) { return (e & 1) ? (byte & 15) : (byte >> 4); }
+
 // One lane's share of acc[m][c] += x[m, k] * w[c, k] over k, for rows m < rows and COLS columns: the lane
 // takes the vectors k0 = (lane + 32 i) * 8 and, within a vector, elements k0 .. k0 + 7 in order. The
 // loaders fill 8 floats (zeros past K and for columns past N). Used for the base GEMV (w = W's rows) and,
@@ -70,19 +118,22 @@ FL_HD float fl_fma(float a, float b, float c) {
 template <int MB, int COLS, class LoadX, class LoadW>
 FL_HD void lane_dot(const LoadX& load_x, const LoadW& load_w, int64_t K, int lane, int rows,
                     float (&acc)[MB][COLS]) {
+    FL_UNROLL
     for (int m = 0; m < MB; ++m)
+        FL_UNROLL
         for (int c = 0; c < COLS; ++c) acc[m][c] = 0.0f;
     for (int64_t k0 = int64_t(lane) * kVec; k0 < K; k0 += int64_t(kWarp) * kVec) {
         float w[COLS][kVec];
+        FL_UNROLL
         for (int c = 0; c < COLS; ++c) load_w(c, k0, w[c]);
-#if defined(__CUDA_ARCH__)
-#pragma unroll
-#endif
+        FL_UNROLL
         for (int m = 0; m < MB; ++m) {
             if (m < rows) {
                 float xv[kVec];
                 load_x(m, k0, xv);
+                FL_UNROLL
                 for (int c = 0; c < COLS; ++c)
+                    FL_UNROLL
                     for (int e = 0; e < kVec; ++e) acc[m][c] = fl_fma(xv[e], w[c][e], acc[m][c]);
             }
         }

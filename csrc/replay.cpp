@@ -123,6 +123,18 @@ int fastlora_replay_decode(const float* x, const float* w, const float* bias, co
     return 0;
 }
 
+// NF4 elements [0, numel) in fp32 as the kernel decodes them (before rounding to the compute dtype): absmax
+// fp32 (absmax_codes null) or double-quantised (uint8 codes, scale per 256 blocks, offset, code table).
+void fastlora_replay_nf4(const uint8_t* packed, const float* absmax, const uint8_t* absmax_codes, const float* scale,
+                         float offset, const float* code_table, int64_t numel, int block_shift, float* out) {
+    for (int64_t e = 0; e < numel; ++e) {
+        const int64_t block = e >> block_shift;
+        const float am = absmax_codes ? nf4_absmax_double(code_table[absmax_codes[block]], scale[block >> 8], offset)
+                                      : absmax[block];
+        out[e] = fl_mul(nf4_code_value(nf4_code(packed[e >> 1], e)), am);
+    }
+}
+
 // The kernel's reduction tree over 32 values per lane: values[l * 32 + i] is lane l's value i; out[l] is
 // what lane l ends with (the total of value l).
 void fastlora_replay_tree32(const float* values, float* out) {

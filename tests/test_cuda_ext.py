@@ -45,16 +45,18 @@ def replay(tmp_path_factory):
 
 
 def test_ptxas_report_every_variant_spill_free_within_the_launch_bounds(built):
-    """Every kernel variant (5 row buckets x 2 dtypes x 3 adapter dtypes) for both architectures: no spills,
-    no stack, registers within __launch_bounds__(128, 4) (65536 / (128 x 4) = 128), no shared memory (the
-    kernel uses none: x and W stream through L1/L2)."""
+    """Every kernel variant (5 row buckets x 2 dtypes x 3 adapter dtypes x 2 weight formats) for both
+    architectures: no spills, no stack, registers within __launch_bounds__(128, 4) (65536 / (128 x 4) = 128);
+    shared memory only for NF4's 16-value table (64 bytes: x and W stream through L1/L2)."""
     entries = cuda_build.parse_ptxas(built.ptxas_log.read_text())
     assert {e["arch"] for e in entries} == {"sm_80", "sm_90"}
-    assert sum(e["arch"] == "sm_90" for e in entries) == 30 and len(entries) == 60
+    assert sum(e["arch"] == "sm_90" for e in entries) == 60 and len(entries) == 120
     for e in entries:
         assert e["spill_stores"] == 0 and e["spill_loads"] == 0 and e["stack"] == 0, e
         assert e["registers"] is not None and e["registers"] <= 128, e
-        assert e["shared"] == 0, e
+        nf4 = e["kernel"].endswith("Li1EEEvNS_10DecodeArgsE")  # the weight-format template argument is 1
+        assert e["shared"] == (64 if nf4 else 0), e
+    assert sum(e["kernel"].endswith("Li1EEEvNS_10DecodeArgsE") for e in entries) == 60
 
 
 def test_parse_ptxas_reads_spills():
@@ -195,6 +197,32 @@ def test_replay_matches_float64(replay, dtype, adapter_dtype, case):
             assert rel_err(s[row, :r], want) <= 1e-5
 
 
+@pytest.mark.parametrize("shape, blocksize, double", [((37, 77), 64, True), ((16, 256), 32, False),
+                                                      ((5, 1031), 4096, True), ((300, 600), 128, True)])
+def test_nf4_decode_replayed_matches_dequantize(replay, shape, blocksize, double):
+    """The kernel's NF4 decoding (code table, nibble order, plain and double-quantised absmax with two
+    roundings) gives fastlora.nf4.dequantize's fp32 values bit for bit; rounded to bf16, its values."""
+    from fastlora import nf4
+
+    g = torch.Generator().manual_seed(3)
+    q = nf4.quantize(torch.randn(*shape, generator=g) * torch.logspace(-2, 1, shape[1]), blocksize, double)
+    out = np.zeros(q.numel, dtype=np.float32)
+    packed = np.ascontiguousarray(q.packed.view(-1).numpy())
+    if double:
+        codes = np.ascontiguousarray(q.absmax.numpy())
+        scale, table = _f(q.absmax_scale), _f(q.absmax_code)
+        replay.fastlora_replay_nf4(_ptr(packed, ctypes.c_uint8), None, _ptr(codes, ctypes.c_uint8), _ptr(scale),
+                                   ctypes.c_float(float(q.absmax_offset)), _ptr(table), ctypes.c_int64(q.numel),
+                                   blocksize.bit_length() - 1, _ptr(out))  # fmt: skip
+    else:
+        absmax = _f(q.absmax)
+        replay.fastlora_replay_nf4(_ptr(packed, ctypes.c_uint8), _ptr(absmax), None, None, ctypes.c_float(0.0), None,
+                                   ctypes.c_int64(q.numel), blocksize.bit_length() - 1, _ptr(out))  # fmt: skip
+    ours = torch.from_numpy(out).view(shape)
+    assert torch.equal(ours, nf4.dequantize(q, torch.float32))
+    assert torch.equal(ours.bfloat16(), nf4.dequantize(q, torch.bfloat16))
+
+
 def test_reduction_tree_adds_as_the_butterfly(replay):
     """The transposing tree (31 shuffles for 32 values) adds each value in the plain butterfly's order: the
     same bits, lane by lane."""
@@ -274,7 +302,7 @@ def test_cuda_backend_says_why_it_cannot_run_and_auto_passes_it_by():
 
 def test_decode_range():
     """The calls the decode kernel takes (else Triton): 1-16 rows, no dropout, fp16/bf16 with a dense weight
-    of x's dtype, adapters fp32/fp16/bf16, rank <= 256, contiguous last dimensions."""
+    of x's dtype or an NF4 one, adapters fp32/fp16/bf16, rank <= 256, contiguous last dimensions."""
     x, w = torch.randn(4, 16).bfloat16(), torch.randn(8, 16).bfloat16()
     a, b = torch.randn(2, 16), torch.randn(8, 2)
     assert cuda_backend._takes(x, w, None, a, b, 0.0)
@@ -286,6 +314,10 @@ def test_decode_range():
     assert not cuda_backend._takes(x, w, None, torch.randn(257, 16), torch.randn(8, 257), 0.0)
     assert not cuda_backend._takes(torch.randn(16, 4).bfloat16().t(), w, None, a, b, 0.0)
     assert not cuda_backend._takes(x, w, None, a.double(), b.double(), 0.0)
+    from fastlora import nf4
+
+    assert cuda_backend._takes(x, nf4.quantize(w.float(), 64), None, a, b, 0.0)  # an NF4 base: decoded in the kernel
+    assert not cuda_backend._takes(x.float(), nf4.quantize(w.float(), 64), None, a, b, 0.0)
 
 
 def test_info_reports_the_extension():

@@ -3,10 +3,11 @@ the Triton kernels for everything else.
 
 The decode kernel computes y = x·Wᵀ + b + s_a·(x·A_aᵀ)·B_aᵀ for 1-16 rows in one launch from C++, each row
 with its own adapter (BGMV; the single-adapter op is the case of one adapter), W read once for all rows. It
-is an inference kernel: it takes bf16 and fp16 inputs with a dense weight, adapters in fp32, bf16 or fp16 of
-ranks 1-256, no dropout, and no gradient of its own. A single-adapter call also writes S = x·Aᵀ, so a
+is an inference kernel: it takes bf16 and fp16 inputs with a dense weight or an NF4 one (decoded in
+registers into x's dtype as it is read, the values ``fastlora.nf4.dequantize`` gives), adapters in fp32,
+bf16 or fp16 of ranks 1-256, no dropout, and no gradient of its own. A single-adapter call also writes S = x·Aᵀ, so a
 training step's forward at decode size runs it too and its backward runs on Triton. Anything else (more
-rows, dropout, fp32 inputs, an NF4 weight, mixed batches that need S for a backward, every backward) runs
+rows, dropout, fp32 inputs, mixed batches that need S for a backward, every backward) runs
 on the Triton backend, which therefore has to run here as well.
 
 ``torch.ops.fastlora.cuda_lora_decode`` is the kernel as a ``torch.library`` custom op (a fake for tracing,
@@ -21,6 +22,7 @@ import functools
 import torch
 
 from fastlora import cuda_ext
+from fastlora.nf4 import NF4Weight
 
 __all__ = ["BACKEND", "CudaBackend", "MAX_RANK", "MAX_ROWS", "cuda_lora_decode", "decode"]
 
@@ -62,9 +64,10 @@ def _aligned(t: torch.Tensor, *strides: int) -> bool:
 def decode(x, weight, bias, lora_A, lora_B, index, scales, ranks, scale0, rank0, shrink_out=None) -> torch.Tensor:
     """Launch the decode kernel (arguments as checked by ``_check_decode``): y (M, N) in x's dtype.
 
-    Shapes: x (M, K), weight (N, K), bias (N,) or None, lora_A (n, r_max, K), lora_B (n, N, r_max), index
-    (M,) int64 or None (every row adapter 0), scales (n,) fp32 and ranks (n,) int32 on x's device or both
-    None (then ``scale0``, ``rank0`` for adapter 0), ``shrink_out`` (M, r_max) in x's dtype or None.
+    Shapes: x (M, K), weight (N, K) in x's dtype or an ``NF4Weight`` (decoded into x's dtype as it is read),
+    bias (N,) or None, lora_A (n, r_max, K), lora_B (n, N, r_max), index (M,) int64 or None (every row
+    adapter 0), scales (n,) fp32 and ranks (n,) int32 on x's device or both None (then ``scale0``, ``rank0``
+    for adapter 0), ``shrink_out`` (M, r_max) in x's dtype or None.
     """
     ext = cuda_ext.load()
     m, k = x.shape
@@ -75,18 +78,25 @@ def decode(x, weight, bias, lora_A, lora_B, index, scales, ranks, scale0, rank0,
     device = x.device
     stream = torch.cuda.current_stream(device).cuda_stream
     counters, workspace = _workspace(device, stream)
-    vector = (k % 8 == 0 and _aligned(x, x.stride(0)) and _aligned(weight, weight.stride(0))
-              and _aligned(lora_A, lora_A.stride(0), lora_A.stride(1)))  # fmt: skip
 
     def ptr(t):
         return 0 if t is None else t.data_ptr()
 
-    ext.lora_decode(ptr(y), ptr(x), ptr(weight), ptr(bias), ptr(lora_A), ptr(lora_B), ptr(index), ptr(scales),
+    if isinstance(weight, NF4Weight):
+        nf4 = [ptr(weight.packed), ptr(weight.absmax), ptr(weight.absmax_scale), ptr(weight.absmax_offset),
+               ptr(weight.absmax_code)]  # fmt: skip
+        weight_ok, w_ptr, w_stride, shift = weight.packed.data_ptr() % 4 == 0, 0, 0, weight.blocksize.bit_length() - 1
+    else:
+        nf4, weight_ok, w_ptr, w_stride, shift = [], _aligned(weight, weight.stride(0)), weight.data_ptr(), weight.stride(0), 0
+    vector = (k % 8 == 0 and weight_ok and _aligned(x, x.stride(0))
+              and _aligned(lora_A, lora_A.stride(0), lora_A.stride(1)))  # fmt: skip
+    ext.lora_decode(ptr(y), ptr(x), w_ptr, ptr(bias), ptr(lora_A), ptr(lora_B), ptr(index), ptr(scales),
                     ptr(ranks), float(scale0), int(rank0), workspace.data_ptr(), counters.data_ptr(), ptr(shrink_out),
                     [m, out_features, k, n, r_max],
-                    [x.stride(0), y.stride(0), weight.stride(0), lora_A.stride(0), lora_A.stride(1), lora_B.stride(0),
+                    [x.stride(0), y.stride(0), w_stride, lora_A.stride(0), lora_A.stride(1), lora_B.stride(0),
                      lora_B.stride(1), lora_B.stride(2), 0 if shrink_out is None else shrink_out.stride(0)],
-                    _dtype_code(ext, x.dtype), _dtype_code(ext, lora_A.dtype), vector, device.index, stream)  # fmt: skip
+                    _dtype_code(ext, x.dtype), _dtype_code(ext, lora_A.dtype), vector, device.index, stream, nf4,
+                    shift)  # fmt: skip
     return y
 
 
@@ -193,10 +203,12 @@ def _takes(x, weight, bias, lora_A, lora_B, dropout_p: float) -> bool:
     """Whether the decode kernel runs this call (else Triton does)."""
     k = x.shape[-1]
     m = x.numel() // k if k else 0
-    return (1 <= m <= MAX_ROWS and dropout_p == 0.0 and x.dtype in _DTYPES and isinstance(weight, torch.Tensor)
-            and weight.dtype == x.dtype and (bias is None or (bias.dtype == x.dtype and bias.stride(0) == 1))
+    dense = isinstance(weight, torch.Tensor)
+    return (1 <= m <= MAX_ROWS and dropout_p == 0.0 and x.dtype in _DTYPES
+            and ((dense and weight.dtype == x.dtype and weight.stride(1) == 1) or isinstance(weight, NF4Weight))
+            and (bias is None or (bias.dtype == x.dtype and bias.stride(0) == 1))
             and lora_A.dtype in _ADAPTER_DTYPES and lora_B.dtype == lora_A.dtype and lora_A.shape[-2] <= MAX_RANK
-            and x.stride(-1) == 1 and weight.stride(1) == 1 and lora_A.stride(-1) == 1)  # fmt: skip
+            and x.stride(-1) == 1 and lora_A.stride(-1) == 1)  # fmt: skip
 
 
 class CudaBackend:
