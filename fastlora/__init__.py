@@ -1,6 +1,7 @@
 """fastlora: LoRA layers whose low-rank path is fused into the base GEMM, forward and backward."""
 
 from fastlora.backends import BACKEND_NAMES, set_backend, use_backend
+from fastlora.dora import dora_linear
 from fastlora.env import info
 from fastlora.functional import lora_linear, lora_linear_multi
 from fastlora.grouping import RowGrouping, group_rows
@@ -39,6 +40,7 @@ __all__ = [
     "adapter_names",
     "combine",
     "delete_adapter",
+    "dora_linear",
     "disable_adapters",
     "info",
     "inject",

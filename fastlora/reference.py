@@ -11,7 +11,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = ["lora_linear", "lora_linear_multi", "philox4x32", "keep_mask"]
+__all__ = ["dora_linear", "lora_linear", "lora_linear_multi", "philox4x32", "keep_mask"]
 
 
 def lora_linear(
@@ -46,6 +46,30 @@ def lora_linear(
     shrink = x_hat @ lora_A.t()  # (..., r)
     return y + scaling * (shrink @ lora_B.t())
 
+
+
+def dora_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    magnitude: torch.Tensor,
+    scaling: float,
+    dropout_mask: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+) -> torch.Tensor:
+    """PEFT's DoRA, line for line: y = x·Wᵀ + b + (c − 1)·(x̂·Wᵀ) + c·s·(x̂·Aᵀ)·Bᵀ, c = m / ‖W + s·B·A‖ (per
+    output row, the norm detached), x̂ = x ⊙ mask / (1 − p) when a mask is given.
+
+    Shapes: x (..., K), weight (N, K), bias (N,) or None, lora_A (r, K), lora_B (N, r), magnitude (N,),
+    dropout_mask x's shape (True = kept). Computed in the arguments' dtype (call it in float64).
+    """
+    norm = torch.linalg.norm(weight + scaling * (lora_B @ lora_A), dim=1).detach()
+    c = magnitude / norm
+    x_hat = x if dropout_mask is None else x * dropout_mask / (1.0 - dropout_p)
+    base = F.linear(x, weight, bias)
+    return base + (c - 1) * F.linear(x_hat, weight) + c * scaling * ((x_hat @ lora_A.t()) @ lora_B.t())
 
 
 _PHILOX_ROUND_A, _PHILOX_ROUND_B = 0xD2511F53, 0xCD9E8D57
