@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from fastlora._checks import check_adapter_name, check_bool, check_hparams, check_int, check_names
 from fastlora import nf4
 from fastlora import mixed_batch
+from fastlora.dora import dora_linear, dora_norm
 from fastlora.functional import lora_linear, lora_linear_multi
 from fastlora.nf4 import NF4Weight
 from fastlora.quantized import NF4Linear, nf4_linear
@@ -79,12 +80,14 @@ class LoRALinear(nn.Module):
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
         adapter_name: str = DEFAULT_ADAPTER,
+        use_dora: bool = False,
     ) -> None:
         in_features = check_int("in_features", in_features, minimum=1)
         out_features = check_int("out_features", out_features, minimum=1)
         check_hparams(r, lora_alpha, lora_dropout, in_features=in_features, out_features=out_features)
         check_bool("bias", bias)
         check_bool("use_rslora", use_rslora)
+        check_bool("use_dora", use_dora)
         check_adapter_name("adapter_name", adapter_name)
         if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
             raise TypeError(f"dtype: expected a floating-point torch.dtype or None, got {dtype!r}")
@@ -103,7 +106,7 @@ class LoRALinear(nn.Module):
             bound = 1 / math.sqrt(in_features) if in_features > 0 else 0
             nn.init.uniform_(bias_p, -bound, bound)
         self._setup_base(weight, bias_p, fan_in_fan_out=False)
-        self.add_adapter(adapter_name, r, lora_alpha, lora_dropout, use_rslora)
+        self.add_adapter(adapter_name, r, lora_alpha, lora_dropout, use_rslora, use_dora)
 
     @classmethod
     def from_linear(
@@ -114,6 +117,7 @@ class LoRALinear(nn.Module):
         lora_dropout: float = 0.0,
         use_rslora: bool = False,
         adapter_name: str = DEFAULT_ADAPTER,
+        use_dora: bool = False,
     ) -> LoRALinear:
         """Wrap an ``nn.Linear`` (or transformers' ``Conv1D``): the new layer shares (does not copy) its
         weight and bias, which get frozen. An ``fastlora.NF4Linear`` becomes the layer's ``base_layer``."""
@@ -121,6 +125,8 @@ class LoRALinear(nn.Module):
             check_hparams(r, lora_alpha, lora_dropout, in_features=linear.in_features, out_features=linear.out_features)
             check_bool("use_rslora", use_rslora)
             check_adapter_name("adapter_name", adapter_name)
+            if check_bool("use_dora", use_dora):
+                raise NotImplementedError("use_dora: DoRA on a quantised (NF4) base is not implemented")
             layer = cls.__new__(cls)
             nn.Module.__init__(layer)
             layer._setup_base(None, None, fan_in_fan_out=linear.fan_in_fan_out, base_layer=linear)
@@ -135,11 +141,12 @@ class LoRALinear(nn.Module):
         # Every argument is checked before the layer is built: building freezes linear's parameters.
         check_hparams(r, lora_alpha, lora_dropout, in_features=in_f, out_features=out_f)
         check_bool("use_rslora", use_rslora)
+        check_bool("use_dora", use_dora)
         check_adapter_name("adapter_name", adapter_name)
         layer = cls.__new__(cls)
         nn.Module.__init__(layer)
         layer._setup_base(linear.weight, linear.bias, fan_in_fan_out=is_conv1d(linear))
-        layer.add_adapter(adapter_name, r, lora_alpha, lora_dropout, use_rslora)
+        layer.add_adapter(adapter_name, r, lora_alpha, lora_dropout, use_rslora, use_dora)
         return layer
 
     def _setup_base(self, weight: nn.Parameter | None, bias: nn.Parameter | None, fan_in_fan_out: bool,
@@ -159,6 +166,9 @@ class LoRALinear(nn.Module):
             self.register_parameter("bias", bias)
         self.lora_A = nn.ParameterDict()
         self.lora_B = nn.ParameterDict()
+        # DoRA adapters' magnitudes m (out_features,), PEFT's lora_magnitude_vector; only DoRA adapters have one.
+        self.lora_magnitude_vector = nn.ParameterDict()
+        self.use_dora: dict[str, bool] = {}
         self.r: dict[str, int] = {}
         self.lora_alpha: dict[str, float] = {}
         self.lora_dropout: dict[str, float] = {}
@@ -200,24 +210,39 @@ class LoRALinear(nn.Module):
         return list(self.lora_A.keys())
 
     def add_adapter(self, name: str, r: int = 8, lora_alpha: float = 8, lora_dropout: float = 0.0,
-                    use_rslora: bool = False) -> None:  # fmt: skip
+                    use_rslora: bool = False, use_dora: bool = False) -> None:  # fmt: skip
         """Add a freshly initialised adapter (A kaiming-uniform, B zeros) and make it the active one.
+        ``use_dora``: a DoRA adapter (see ``fastlora.dora_linear``), its magnitude m (out_features,) initialised
+        as PEFT does to ‖W + s·B·A‖ per output row (= ‖W‖, B being 0), from the unmerged base weight.
         On error (bad argument, failed allocation) the layer is unchanged."""
         r, lora_alpha, lora_dropout = check_hparams(r, lora_alpha, lora_dropout, in_features=self.in_features,
                                                     out_features=self.out_features)  # fmt: skip
         check_bool("use_rslora", use_rslora)
+        check_bool("use_dora", use_dora)
         check_adapter_name("adapter_name", name)
         if name in self.lora_A:
             raise ValueError(f"adapter_name: this layer already has an adapter named {name!r}")
+        if use_dora and self.quantized:
+            raise NotImplementedError("use_dora: DoRA on a quantised (NF4) base is not implemented")
         device, base_dtype = self._factory()
         factory = {"device": device, "dtype": _adapter_dtype(base_dtype)}
         lora_a = nn.Parameter(torch.empty((r, self.in_features), **factory))
         lora_b = nn.Parameter(torch.zeros((self.out_features, r), **factory))
         nn.init.kaiming_uniform_(lora_a, a=math.sqrt(5))  # PEFT's default init for lora_A
+        scaling = lora_alpha / (math.sqrt(r) if use_rslora else r)
+        magnitude = None
+        if use_dora:
+            with torch.no_grad():
+                w = self._original_weight().detach()
+                m = dora_norm(w, lora_a, lora_b, scaling)
+            magnitude = nn.Parameter(m.to(factory["dtype"]).clone())
         self.lora_A[name], self.lora_B[name] = lora_a, lora_b
+        if magnitude is not None:
+            self.lora_magnitude_vector[name] = magnitude
+        self.use_dora[name] = use_dora
         self.r[name], self.lora_alpha[name] = r, lora_alpha
         self.lora_dropout[name], self.use_rslora[name] = lora_dropout, use_rslora
-        self.scaling[name] = lora_alpha / (math.sqrt(r) if use_rslora else r)
+        self.scaling[name] = scaling
         self.set_active([name])
 
     def delete_adapter(self, name: str) -> None:
@@ -227,8 +252,11 @@ class LoRALinear(nn.Module):
             raise ValueError(f"adapter_name: no adapter named {name!r} in this layer (it has {self.adapters})")
         if name in self.merged_adapters:
             raise ValueError(f"adapter_name: {name!r} is merged into the weight; unmerge before deleting it")
-        for table in (self.lora_A, self.lora_B, self.r, self.lora_alpha, self.lora_dropout, self.use_rslora, self.scaling):
+        for table in (self.lora_A, self.lora_B, self.r, self.lora_alpha, self.lora_dropout, self.use_rslora, self.scaling,
+                      self.use_dora):  # fmt: skip
             del table[name]
+        if name in self.lora_magnitude_vector:
+            del self.lora_magnitude_vector[name]
         self.active_adapters = [a for a in self.active_adapters if a != name]
 
     def set_active(self, names: list[str]) -> None:
@@ -239,6 +267,8 @@ class LoRALinear(nn.Module):
             trainable = name in self.active_adapters
             self.lora_A[name].requires_grad_(trainable)
             self.lora_B[name].requires_grad_(trainable)
+            if name in self.lora_magnitude_vector:
+                self.lora_magnitude_vector[name].requires_grad_(trainable)
 
     # --- weights --------------------------------------------------------------------------------------
 
@@ -281,8 +311,26 @@ class LoRALinear(nn.Module):
         if not merged:
             w = self._original_weight().detach().clone()
             return w.t() if self.fan_in_fan_out else w
-        total = (self._original_weight().float() + self.delta_weight(merged)).to(self.weight.dtype)
+        if any(self.use_dora.get(n) for n in merged):
+            total = self._dora_folded(merged).to(self.weight.dtype)
+        else:
+            total = (self._original_weight().float() + self.delta_weight(merged)).to(self.weight.dtype)
         return total.t() if self.fan_in_fan_out else total
+
+    @torch.no_grad()
+    def _dora_folded(self, merged: list[str]) -> torch.Tensor:
+        """W with ``merged`` folded in one after another as PEFT merges them, in fp32: a LoRA adapter adds
+        s·B·A; a DoRA adapter makes the weight so far W' = c ⊙ (W' + s·B·A) per row, with c = m / ‖W + s·B·A‖
+        and W the unmerged base (PEFT's ``_unmerged_base_weight``), as its forward scales all before it."""
+        original = self._original_weight().detach().float()
+        total = original.clone()
+        for name in merged:
+            delta = self.delta_weight([name])
+            total.add_(delta)
+            if self.use_dora.get(name):
+                norm = torch.linalg.vector_norm(original + delta, dim=1)
+                total.mul_((self.lora_magnitude_vector[name].detach().float() / norm)[:, None])
+        return total
 
     @torch.no_grad()
     def merge(self, names: list[str] | None = None, safe: bool = False) -> None:
@@ -404,6 +452,8 @@ class LoRALinear(nn.Module):
         modules = self._modules
         lora_a, lora_b = modules["lora_A"]._parameters, modules["lora_B"]._parameters
         dropout = self.lora_dropout
+        if self.lora_magnitude_vector and any(self.use_dora[n] for n in pending):
+            return self._with_dora(x, weight, bias, pending)
         if len(pending) > 1 and not (self.training and any(dropout[n] > 0.0 for n in pending)):
             a, b = as_one_adapter([lora_a[n] for n in pending], [lora_b[n] for n in pending],
                                   [self.scaling[n] for n in pending])  # fmt: skip
@@ -417,6 +467,39 @@ class LoRALinear(nn.Module):
             y = y + self.scaling[name] * ((x_hat @ a.t()) @ b.t())
         return y
 
+    def _with_dora(self, x: torch.Tensor, weight, bias, pending: list[str]) -> torch.Tensor:
+        """``pending`` adapters, some DoRA, in order, with PEFT's rules: the first runs as one op (``dora_linear``
+        or ``lora_linear``); each later LoRA adapter adds s·(x̂·Aᵀ)·Bᵀ; each later DoRA adapter, as PEFT's
+        ``DoraLinearVariant.forward`` on the result so far y: without dropout y + (c − 1)·(y − b) + c·s·(x·Aᵀ)·Bᵀ
+        (it rescales the earlier adapters' terms too), with dropout y + (c − 1)·(x̂·Wᵀ) + c·s·(x̂·Aᵀ)·Bᵀ. The norm
+        is always that of the unmerged base weight plus the adapter's own s·B·A, detached."""
+        lora_a, lora_b, mags = self.lora_A, self.lora_B, self.lora_magnitude_vector
+        original = weight
+        if self.merged_adapters:  # the weight holds merged adapters; the norm is the base's (PEFT's rule)
+            original = self._original_weight()
+            y = F.linear(x, weight, bias)
+            rest = pending
+        else:
+            first, rest = pending[0], pending[1:]
+            args = (lora_a[first], lora_b[first])
+            if self.use_dora[first]:
+                y = dora_linear(x, weight, bias, *args, mags[first], self.scaling[first], self.lora_dropout[first],
+                                self.training)  # fmt: skip
+            else:
+                y = lora_linear(x, weight, bias, *args, self.scaling[first], self.lora_dropout[first], self.training)
+        for name in rest:
+            p = self.lora_dropout[name] if self.training else 0.0
+            x_hat = F.dropout(x, p, True) if p > 0.0 else x
+            a, b, s = lora_a[name], lora_b[name], self.scaling[name]
+            lora = s * ((x_hat @ a.to(x.dtype).t()) @ b.to(x.dtype).t())
+            if not self.use_dora[name]:
+                y = y + lora
+                continue
+            c = (mags[name] / dora_norm(original.detach(), a, b, s)).to(x.dtype)  # the norm detached, m not
+            base = F.linear(x_hat, weight) if p > 0.0 else (y if bias is None else y - bias)
+            y = y + (c - 1) * base + c * lora
+        return y
+
     def _forward_mixed(self, x: torch.Tensor, batch: mixed_batch.MixedBatch) -> torch.Tensor:
         """A mixed-adapter batch (``fastlora.adapter_names``): each sample with its own adapter of this layer,
         or the base alone, in one ``lora_linear_multi``."""
@@ -424,6 +507,9 @@ class LoRALinear(nn.Module):
             raise ValueError(f"adapter_names: this layer has merged adapters {self.merged_adapters}; mixed batches "
                              "need every adapter unmerged")  # fmt: skip
         local, grouping = batch.grouping(self.lora_A, x)
+        dora = [n for n in local if self.use_dora[n]]
+        if dora:
+            raise NotImplementedError(f"adapter_names: mixed batches with DoRA adapters ({dora}) are not implemented")
         quantized = self.quantized
         if quantized:
             base = self._modules["base_layer"]
@@ -465,6 +551,7 @@ class LoRALinear(nn.Module):
             parts.append(
                 f"{name}: r={self.r[name]}, lora_alpha={self.lora_alpha[name]:g}, lora_dropout={self.lora_dropout[name]:g}"
                 + (", use_rslora=True" if self.use_rslora[name] else "")
+                + (", use_dora=True" if self.use_dora[name] else "")
             )
         if self.fan_in_fan_out:
             parts.append("fan_in_fan_out=True")

@@ -222,26 +222,40 @@ def plan_injection(
     return InjectionPlan(targets, saved)
 
 
+def _check_dora_targets(plan: InjectionPlan) -> None:
+    """DoRA runs on linear layers with a dense base: refuse the rest by name before anything changes."""
+    for name, module, *_ in plan.targets:
+        if variants.is_variant_target(module) or isinstance(module, variants.VARIANT_LAYERS):
+            raise NotImplementedError(f"use_dora: DoRA on {name} ({type(module).__name__}) is not implemented, only on "
+                                      "linear layers (exclude it with exclude_modules)")  # fmt: skip
+        if isinstance(module, NF4Linear) or (isinstance(module, LoRALinear) and module.quantized):
+            raise NotImplementedError(f"use_dora: DoRA on {name}, a quantised (NF4) base, is not implemented")
+
+
 def apply_injection(model: nn.Module, plan: InjectionPlan, adapter_name: str, lora_dropout: float,
-                    use_rslora: bool) -> nn.Module:  # fmt: skip
+                    use_rslora: bool, use_dora: bool = False) -> nn.Module:  # fmt: skip
     """Carry out a plan from ``plan_injection``. If anything fails (an allocation), the model is left as it
     was (``all_or_nothing``)."""
+    if use_dora:
+        _check_dora_targets(plan)
     with all_or_nothing(model):
-        _apply_injection(model, plan, adapter_name, lora_dropout, use_rslora)
+        _apply_injection(model, plan, adapter_name, lora_dropout, use_rslora, use_dora)
     mixed_batch.install_keyword(model)  # model(..., adapter_names=[...]): a mixed-adapter batch
     return model
 
 
-def _apply_injection(model, plan, adapter_name, lora_dropout, use_rslora):
+def _apply_injection(model, plan, adapter_name, lora_dropout, use_rslora, use_dora=False):
     for name, module, rank, alpha in plan.targets:
-        if isinstance(module, LORA_LAYERS):
+        if isinstance(module, LoRALinear):
+            module.add_adapter(adapter_name, rank, alpha, lora_dropout, use_rslora, use_dora)
+        elif isinstance(module, LORA_LAYERS):
             module.add_adapter(adapter_name, rank, alpha, lora_dropout, use_rslora)
         elif variants.is_variant_target(module):
             layer = variants.wrap(module, rank, alpha, lora_dropout, use_rslora, adapter_name)
             layer.train(module.training)
             _set_submodule(model, name, layer)
         else:
-            layer = LoRALinear.from_linear(module, rank, alpha, lora_dropout, use_rslora, adapter_name)
+            layer = LoRALinear.from_linear(module, rank, alpha, lora_dropout, use_rslora, adapter_name, use_dora)
             layer.train(module.training)
             _set_submodule(model, name, layer)
     for p in model.parameters():
@@ -265,8 +279,12 @@ def inject(
     rank_pattern: Mapping[str, int] | None = None,
     alpha_pattern: Mapping[str, float] | None = None,
     modules_to_save: Iterable[str] | None = None,
+    use_dora: bool = False,
 ) -> nn.Module:
     """Put LoRA adapter ``adapter_name`` on the matching layers of ``model``, in place.
+
+    ``use_dora``: a DoRA adapter (PEFT's ``LoraConfig(use_dora=True)``, see ``fastlora.dora_linear``), on
+    linear layers with a dense base only (NotImplementedError otherwise, before anything changes).
 
     Matching ``nn.Linear`` and transformers ``Conv1D`` layers become ``LoRALinear`` sharing their weights;
     ``nn.Embedding`` layers become ``LoRAEmbedding`` and ``nn.Conv1d/2d/3d`` layers ``LoRAConv``, each wrapping
@@ -283,7 +301,8 @@ def inject(
     plan = plan_injection(model, target_modules, r, lora_alpha, lora_dropout, adapter_name, exclude_modules,
                           rank_pattern, alpha_pattern, modules_to_save)  # fmt: skip
     check_bool("use_rslora", use_rslora)
-    return apply_injection(model, plan, adapter_name, float(lora_dropout), use_rslora)
+    check_bool("use_dora", use_dora)
+    return apply_injection(model, plan, adapter_name, float(lora_dropout), use_rslora, use_dora)
 
 
 @dataclass(frozen=True)
@@ -548,6 +567,9 @@ def combine(
         most = min(min(layer.in_features, layer.out_features) for layer in layers)
         if svd_rank > most:
             raise ValueError(f"svd_rank: expected at most {most} (the smallest layer's min(in, out)), got {svd_rank}")
+    dora = sorted({n for layer in layers for n in names if getattr(layer, "use_dora", {}).get(n)})
+    if dora:
+        raise NotImplementedError(f"weights: combining DoRA adapters ({dora}) is not implemented")
     first = names[0]
     planned = []
     for layer in layers:  # all the linear algebra first: nothing changes until every layer has its result

@@ -328,6 +328,9 @@ def quantize(
         module = model.get_submodule(name)
         if isinstance(module, LoRALinear) and module.merged_adapters:
             raise ValueError(f"model: {name} has merged adapters {module.merged_adapters}; unmerge before quantising")
+        if isinstance(module, LoRALinear) and module.lora_magnitude_vector:
+            raise NotImplementedError(f"model: {name} has DoRA adapters {list(module.lora_magnitude_vector)}; DoRA on a "
+                                      "quantised (NF4) base is not implemented")  # fmt: skip
         weight = module.weight
         if weight.dtype not in COMPUTE_DTYPES:
             raise TypeError(f"model: {name}.weight is {weight.dtype}; NF4 quantises float32, float16 or bfloat16 weights")
