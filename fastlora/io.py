@@ -32,18 +32,18 @@ from fastlora._checks import (
 )
 from fastlora import variants
 from fastlora.layers import DEFAULT_ADAPTER
-from fastlora.model import _features, all_or_nothing, apply_injection, lora_layers, plan_injection
+from fastlora.model import _check_dora_targets, _features, all_or_nothing, apply_injection, lora_layers, plan_injection
 
 __all__ = ["save_adapter", "load_adapter", "WEIGHTS_NAME", "CONFIG_NAME"]
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 CONFIG_NAME = "adapter_config.json"
 PREFIX = "base_model.model."
+MAGNITUDE_KEY = "lora_magnitude_vector"
 
 # PEFT config entries fastlora has no implementation for, with the value that means "not used". A file that
 # sets one to anything else is refused by name: loading it without the feature would give another model.
 _UNSUPPORTED = {
-    "use_dora": False,
     "lora_bias": False,
     "bias": "none",
     "layers_to_transform": None,
@@ -66,7 +66,7 @@ _UNSUPPORTED = {
 _BASE_PRESERVING_INITS = (True, False, "gaussian", "eva")
 # Entries fastlora reads or that describe nothing about the model's function.
 _UNDERSTOOD = {
-    "peft_type", "r", "lora_alpha", "lora_dropout", "use_rslora", "target_modules", "exclude_modules",
+    "peft_type", "r", "lora_alpha", "lora_dropout", "use_rslora", "use_dora", "target_modules", "exclude_modules",
     "rank_pattern", "alpha_pattern", "modules_to_save", "fan_in_fan_out", "init_lora_weights", "task_type",
     "base_model_name_or_path", "revision", "inference_mode", "auto_mapping", "peft_version", "megatron_core",
     "qalora_group_size", "ensure_weight_tying", "eva_config", "corda_config", "lora_ga_config",
@@ -121,10 +121,11 @@ def save_adapter(model: nn.Module, path: str | Path, adapter_name: str = DEFAULT
         "target_modules": sorted(layers),
         "lora_dropout": _single([la.lora_dropout[adapter_name] for la in layers.values()], "lora_dropout", adapter_name),
         "use_rslora": _single([la.use_rslora[adapter_name] for la in layers.values()], "use_rslora", adapter_name),
+        "use_dora": _single([bool(getattr(la, "use_dora", {}).get(adapter_name)) for la in layers.values()], "use_dora",
+                            adapter_name),  # fmt: skip
         "fan_in_fan_out": _single([la.fan_in_fan_out for la in layers.values()], "fan_in_fan_out", adapter_name),
         "modules_to_save": list(getattr(model, "_fastlora_modules_to_save", [])) or None,
         "bias": "none",
-        "use_dora": False,
         "lora_bias": False,
         "init_lora_weights": True,
         "inference_mode": True,
@@ -134,6 +135,9 @@ def save_adapter(model: nn.Module, path: str | Path, adapter_name: str = DEFAULT
         key_a, key_b = _adapter_keys(layer, layer.r[adapter_name])
         tensors[f"{PREFIX}{name}.{key_a}"] = layer.lora_A[adapter_name].detach().contiguous().cpu()
         tensors[f"{PREFIX}{name}.{key_b}"] = layer.lora_B[adapter_name].detach().contiguous().cpu()
+        if config["use_dora"]:  # PEFT's key: the module's lora_magnitude_vector, without adapter name or ".weight"
+            magnitude = layer.lora_magnitude_vector[adapter_name]
+            tensors[f"{PREFIX}{name}.{MAGNITUDE_KEY}"] = magnitude.detach().contiguous().cpu()
     for module_name in config["modules_to_save"] or []:
         for pname, p in model.get_submodule(module_name).named_parameters():
             tensors[f"{PREFIX}{module_name}.{pname}"] = p.detach().contiguous().cpu()
@@ -225,6 +229,7 @@ def _read_config(path: Path) -> dict:
         "lora_alpha": field("lora_alpha", check_real, None),
         "lora_dropout": field("lora_dropout", check_probability, 0.0),
         "use_rslora": field("use_rslora", check_bool, False),
+        "use_dora": field("use_dora", check_bool, False),
         "fan_in_fan_out": field("fan_in_fan_out", check_bool, False),
         "inference_mode": field("inference_mode", check_bool, True),
         "target_modules": field("target_modules", check_module_names, None),
@@ -265,6 +270,11 @@ def load_adapter(model: nn.Module, path: str | Path, adapter_name: str = DEFAULT
     plan = plan_injection(model, config["target_modules"], config["r"], config["lora_alpha"], config["lora_dropout"],
                           adapter_name, config["exclude_modules"], config["rank_pattern"], config["alpha_pattern"],
                           config["modules_to_save"])  # fmt: skip
+    if config["use_dora"]:
+        try:
+            _check_dora_targets(plan)
+        except NotImplementedError as err:
+            raise NotImplementedError(f"{path / CONFIG_NAME}: {err}") from None
     expected: dict[str, tuple[int, ...]] = {}
     adapter_keys: dict[str, tuple[str, str]] = {}
     # PEFT's save_embedding_layers (on by default when an embedding named embed_tokens / lm_head is a target)
@@ -275,6 +285,8 @@ def load_adapter(model: nn.Module, path: str | Path, adapter_name: str = DEFAULT
         keys = {f"{PREFIX}{name}.{suffix}": shape for suffix, shape in _adapter_keys(module, rank).items()}
         expected.update(keys)
         adapter_keys[name] = tuple(keys)
+        if config["use_dora"]:
+            expected[f"{PREFIX}{name}.{MAGNITUDE_KEY}"] = (_features(module)[0],)
         if isinstance(module, (nn.Embedding, variants.LoRAEmbedding)) and f"{PREFIX}{name}.base_layer.weight" in tensors:
             base = variants._base_of(module)
             if getattr(module, "merged_adapters", None):
@@ -306,13 +318,15 @@ def load_adapter(model: nn.Module, path: str | Path, adapter_name: str = DEFAULT
     # Injection allocates (and rolls itself back on failure); the copies into existing tensors come last,
     # once nothing can fail any more.
     with all_or_nothing(model):
-        apply_injection(model, plan, adapter_name, config["lora_dropout"], config["use_rslora"])
+        apply_injection(model, plan, adapter_name, config["lora_dropout"], config["use_rslora"], config["use_dora"])
         layers = lora_layers(model)
         with torch.no_grad():
             for name, *_ in plan.targets:
                 key_a, key_b = adapter_keys[name]
                 layers[name].lora_A[adapter_name].copy_(tensors[key_a])
                 layers[name].lora_B[adapter_name].copy_(tensors[key_b])
+                if config["use_dora"]:
+                    layers[name].lora_magnitude_vector[adapter_name].copy_(tensors[f"{PREFIX}{name}.{MAGNITUDE_KEY}"])
             for key, weight in base_weights.items():
                 weight.copy_(tensors[key])
             for module_name in plan.modules_to_save:

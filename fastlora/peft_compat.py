@@ -38,7 +38,8 @@ def accelerate(peft_model: nn.Module) -> nn.Module:
     ``Linear4bit`` base it reads the ``Params4bit`` bytes and quant state in place, without a copy. Their
     parameters, state-dict keys and all of PEFT's API (``save_pretrained``, ``set_adapter``,
     ``merge_and_unload``, ...) stay PEFT's, and the model still pickles. Layers fastlora does not fuse keep
-    PEFT's forward, and one warning lists them: DoRA and other variants, LoRA bias, FP4 and other
+    PEFT's forward, and one warning lists them: variants other than DoRA (DoRA runs on
+    ``fastlora.dora_linear``, except over a 4-bit base), LoRA bias, FP4 and other
     quantised or offloaded bases, embeddings, convolutions, and a LoRA layer stacked on another tuner's
     layer (LoHa, LoKr, ... in a ``PeftMixedModel``), whose output is not x·Wᵀ + b. Whatever fastlora cannot
     fuse at call time (adapters added later with a variant, merged or disabled adapters, ``adapter_names``,

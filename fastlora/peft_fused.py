@@ -23,6 +23,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 
 from fastlora import mixed_batch
 from fastlora._checks import is_real
+from fastlora.dora import dora_linear, dora_norm
 from fastlora.functional import lora_linear, lora_linear_multi
 from fastlora.layers import as_one_adapter, is_conv1d
 from fastlora.nf4 import NF4_BLOCKSIZES, NF4Weight
@@ -57,6 +58,8 @@ class _FusedForward:
             return super().forward(x, *args, **kwargs)
         base = modules["base_layer"]
         params = base._parameters
+        if modules["lora_magnitude_vector"]._modules and any(a in modules["lora_magnitude_vector"]._modules for a in active):
+            return self._forward_dora(x, active)
         first, *rest = active
         lora_b_mods, dropouts = modules["lora_B"]._modules, modules["lora_dropout"]._modules
         if rest and not (self.training and any(_dropout_p(dropouts[n]) > 0.0 for n in active)):
@@ -82,6 +85,40 @@ class _FusedForward:
             y = y + (lora_B(lora_A(self.lora_dropout[name](xa))) * self.scaling[name]).to(y.dtype)
         return y
 
+    def _forward_dora(self, x: torch.Tensor, active: list[str]) -> torch.Tensor:
+        """Active adapters some of which are DoRA (``use_dora``), in order, with PEFT's rules: the first as one op
+        (``fastlora.dora_linear`` or ``lora_linear``), each later one as PEFT's ``Linear.forward`` adds it (a DoRA
+        adapter rescales the result so far: y + (c − 1)·(y − b) + c·s·(x·Aᵀ)·Bᵀ without dropout, y + (c − 1)·(x̂·Wᵀ)
+        + c·s·(x̂·Aᵀ)·Bᵀ with it). The norm ‖W + s·B·A‖ is detached, as PEFT's."""
+        modules = self._modules
+        base = modules["base_layer"]
+        params = base._parameters
+        weight = params["weight"].t() if is_conv1d(base) else params["weight"]  # Conv1D stores (in, out)
+        bias = params["bias"]
+        lora_a, lora_b = modules["lora_A"]._modules, modules["lora_B"]._modules
+        dropouts, mags = modules["lora_dropout"]._modules, modules["lora_magnitude_vector"]._modules
+        first, *rest = active
+        args = (lora_a[first]._parameters["weight"], lora_b[first]._parameters["weight"])
+        p = _dropout_p(dropouts[first])
+        if first in mags:
+            y = dora_linear(x, weight, bias, *args, mags[first]._parameters["weight"], self.scaling[first], p,
+                            self.training)  # fmt: skip
+        else:
+            y = lora_linear(x, weight, bias, *args, self.scaling[first], p, self.training)
+        for name in rest:  # as PEFT's Linear.forward and DoraLinearVariant.forward add them
+            a_mod, b_mod, dropout, s = lora_a[name], lora_b[name], dropouts[name], self.scaling[name]
+            xa = self._cast_input_dtype(x, a_mod.weight.dtype)
+            if name not in mags:
+                y = y + (b_mod(a_mod(dropout(xa))) * s).to(y.dtype)
+                continue
+            dropped = not (isinstance(dropout, nn.Identity) or not self.training)
+            x_hat = dropout(xa) if dropped else xa
+            norm = dora_norm(weight.detach(), a_mod.weight, b_mod.weight, s)
+            c = (mags[name]._parameters["weight"] / norm).to(y.dtype)
+            base_term = nn.functional.linear(x_hat, weight) if dropped else (y if bias is None else y - bias)
+            y = y + (c - 1) * base_term + c * (b_mod(a_mod(x_hat)) * s).to(y.dtype)
+        return y
+
     def _forward_mixed(self, x: torch.Tensor, batch: mixed_batch.MixedBatch) -> torch.Tensor:
         """Each sample with its own adapter (PEFT's ``adapter_names``), fused in one ``lora_linear_multi``; PEFT's
         own loop where the layer cannot fuse."""
@@ -93,7 +130,8 @@ class _FusedForward:
         local, grouping = batch.grouping(self.lora_A, x)
         if not local:
             return self._modules["base_layer"](x)
-        if unfusable(self, list(local)) is not None:
+        dora = self._modules["lora_magnitude_vector"]._modules
+        if unfusable(self, list(local)) is not None or any(n in dora for n in local):  # DoRA: PEFT's own loop
             return super().forward(x, adapter_names=list(batch.sample_names(x)))
         modules = self._modules  # read once: each nn.Module attribute lookup goes through __getattr__
         base, lora_a, lora_b = modules["base_layer"], modules["lora_A"]._modules, modules["lora_B"]._modules
@@ -294,10 +332,20 @@ def unfusable(layer: Linear, adapters=None) -> str | None:
     adapters = list(modules["lora_A"]) if adapters is None else adapters
     lora_variant = getattr(layer, "lora_variant", {})  # PEFT >= 0.15; before it, DoRA was the one variant
     use_dora = getattr(layer, "use_dora", {})
-    variants = [f"{a}: {type(lora_variant[a]).__name__}" if a in lora_variant else f"{a}: DoRA"
-                for a in adapters if a in lora_variant or use_dora.get(a)]  # fmt: skip
+    # DoRA runs fused (fastlora.dora_linear) on a dense base; other variants are PEFT's.
+    variants = [f"{a}: {type(lora_variant[a]).__name__}" for a in adapters
+                if a in lora_variant and type(lora_variant[a]).__name__ != "DoraLinearVariant"]  # fmt: skip
     if variants:
         return "variant " + ", ".join(variants)
+    dora = [a for a in adapters if use_dora.get(a) or a in lora_variant]
+    if dora:
+        if _BnbLinear4bit is not None and isinstance(modules["base_layer"], _BnbLinear4bit):
+            return f"variant {', '.join(f'{a}: DoRA' for a in dora)} on a 4-bit base"
+        if getattr(layer, "ephemeral_gpu_offload", False):
+            return "DoRA with ephemeral_gpu_offload"
+        mags = modules.get("lora_magnitude_vector")
+        if mags is None or any(a not in mags._modules for a in dora):
+            return "DoRA adapter without its magnitude"
     lora_b, lora_dropout = modules["lora_B"]._modules, modules["lora_dropout"]._modules
     for a in adapters:
         if lora_b[a]._parameters.get("bias") is not None:

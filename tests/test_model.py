@@ -314,7 +314,10 @@ def test_accelerate_peft_model_keeps_peft_api(tmp_path, op_path):
 
 
 def test_accelerate_leaves_variants_with_one_warning():
-    theirs = peft_twin(llama(), LoraConfig(r=4, target_modules=["q_proj"], use_dora=True))
+    from peft.tuners.lora.config import VeloraConfig
+
+    # DoRA runs fused now (tests/test_dora.py); VeLoRA is a variant fastlora leaves to PEFT.
+    theirs = peft_twin(llama(), LoraConfig(r=4, target_modules=["q_proj"], velora_config=VeloraConfig(num_groups=2)))
     with pytest.warns(UserWarning, match=r"fastlora.accelerate left 2 LoRA layers to PEFT: .*q_proj \(variant"):
         fastlora.accelerate(theirs)
     assert not [m for m in theirs.modules() if type(m).__name__ == "FusedLoraLinear"]

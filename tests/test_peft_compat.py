@@ -243,8 +243,8 @@ def test_accelerate_is_idempotent():
 
 
 def test_what_cannot_fuse_at_call_time_runs_peft_forward():
-    """A DoRA adapter added after accelerate, adapter_names, disabled adapters, a hook on the base layer:
-    the fused layer runs PEFT's forward for them, and the outputs stay PEFT's."""
+    """A DoRA adapter added after accelerate (fused too, through fastlora.dora_linear), adapter_names,
+    disabled adapters, a hook on the base layer: the outputs stay PEFT's."""
     theirs, ours = twins(lambda: get_peft_model(mlp(), lora_config()))
     x = x_input()
     for model in (theirs, ours):
@@ -254,7 +254,7 @@ def test_what_cannot_fuse_at_call_time_runs_peft_forward():
         theirs.set_adapter(adapter)
         ours.set_adapter(adapter)
         assert_same(theirs, ours, x)
-    assert len(fused(ours)) == 2  # the layers stay fastlora's; the DoRA adapter runs on PEFT's forward
+    assert len(fused(ours)) == 2  # the layers stay fastlora's
     with theirs.disable_adapter(), ours.disable_adapter():
         torch.testing.assert_close(ours(x), theirs(x))
     theirs.eval(), ours.eval()

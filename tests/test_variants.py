@@ -714,13 +714,14 @@ def test_bad_names_and_mismatched_files_leave_the_model_untouched(tmp_path):
             r"lora_embedding_A'\] \(1\), unexpected \['base_model.model.emb.lora_A.weight'\]",
             fastlora.load_adapter, model, bad)  # fmt: skip
 
-    # DoRA on the convolutions: refused by name, as for linear layers.
+    # DoRA on the convolutions: refused by name (fastlora's DoRA covers linear layers only).
     dora = tmp_path / "dora"
     dora.mkdir()
     config = json.loads((tmp_path / "ok" / "adapter_config.json").read_text())
     (dora / "adapter_config.json").write_text(json.dumps({**config, "use_dora": True}))
     (dora / "adapter_model.safetensors").write_bytes((tmp_path / "ok" / "adapter_model.safetensors").read_bytes())
-    refused(model, ValueError, "fastlora does not support use_dora=True", fastlora.load_adapter, model, dora)
+    refused(model, NotImplementedError, r"use_dora: DoRA on \w+ \((Conv2d|Embedding|LoRAConv|LoRAEmbedding)\) is not "
+            r"implemented, only on linear layers", fastlora.load_adapter, model, dora)  # fmt: skip
 
     # A grouped convolution given a rank its groups do not divide, by the file's rank_pattern.
     grouped = tmp_path / "grouped"
