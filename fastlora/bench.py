@@ -384,7 +384,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--multi", action="store_true", help="time mixed-adapter batches instead (serving and "
                         "training, K=N=1024, r=16, fp32): PEFT's adapter_names path, it accelerated, the base "
                         "layer; see fastlora/bench_multi.py")  # fmt: skip
+    parser.add_argument("--dora", action="store_true", help="time DoRA instead (M=2048, K=N=1024, r=16, fp32, "
+                        "forward+backward, dropout 0 and 0.1): fastlora's, PEFT's DoRA layer and the bare frozen "
+                        "layer; see fastlora/bench_dora.py")  # fmt: skip
     args = parser.parse_args(argv)
+    if args.dora:
+        return _dora(args, argv)
     if args.multi:
         return _multi(args, argv)
     if args.host:
@@ -439,6 +444,18 @@ def _multi(args, argv) -> int:
               "command": "fastlora bench " + " ".join(sys.argv[2:] if argv is None else argv), "rows": rows,
               "seconds": time.time() - start}  # fmt: skip
     return _write(args.out, result, multi_markdown(rows, rounds=args.rounds))
+
+
+def _dora(args, argv) -> int:
+    from fastlora.bench_dora import dora_side_by_side
+    from fastlora.bench_dora import to_markdown as dora_markdown
+
+    start = time.time()
+    rows = dora_side_by_side(rounds=args.rounds)
+    result = {"environment": environment(torch.device("cpu")), "rounds": args.rounds,
+              "command": "fastlora bench " + " ".join(sys.argv[2:] if argv is None else argv), "rows": rows,
+              "seconds": time.time() - start}  # fmt: skip
+    return _write(args.out, result, dora_markdown(rows, rounds=args.rounds))
 
 
 def _write(out: Path, result: dict, table: str) -> int:
