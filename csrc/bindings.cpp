@@ -101,8 +101,13 @@ PYBIND11_MODULE(_fastlora_cuda, m) {
                 a.nf4_absmax_code = static_cast<const float*>(as_ptr(nf4[4]));
                 a.nf4_block_shift = nf4_block_shift;
             }
-            check(cudaSetDevice(device), "cudaSetDevice");
-            check(fastlora::launch_lora_decode(a, device, reinterpret_cast<cudaStream_t>(stream)), "launch");
+            // Launch on the tensors' device, then give the caller (PyTorch) its current device back.
+            int previous = 0;
+            check(cudaGetDevice(&previous), "cudaGetDevice");
+            if (previous != device) check(cudaSetDevice(device), "cudaSetDevice");
+            const cudaError_t err = fastlora::launch_lora_decode(a, device, reinterpret_cast<cudaStream_t>(stream));
+            if (previous != device) cudaSetDevice(previous);
+            check(err, "launch");
         },
         py::arg("y"), py::arg("x"), py::arg("w"), py::arg("bias"), py::arg("lora_a"), py::arg("lora_b"),
         py::arg("index"), py::arg("scales"), py::arg("ranks"), py::arg("scale0"), py::arg("rank0"),

@@ -76,7 +76,7 @@ def test_module_imports_and_reports_without_a_gpu(built):
         pytest.skip("a GPU is present: the no-driver path is not reachable")
     reason = module.unavailable_reason()
     assert "driver" in reason or "device" in reason
-    with pytest.raises(RuntimeError, match="fastlora CUDA extension: cudaSetDevice"):
+    with pytest.raises(RuntimeError, match="fastlora CUDA extension: cudaGetDevice"):
         module.lora_decode(0, 0, 0, 0, 0, 0, 0, 0, 0, 1.0, 1, 0, 0, 0, [1, 8, 8, 1, 1], [8] * 9, 1, 1, True, 0, 0)
     with pytest.raises(ValueError, match="sizes: expected"):
         module.lora_decode(0, 0, 0, 0, 0, 0, 0, 0, 0, 1.0, 1, 0, 0, 0, [1], [8] * 9, 1, 1, True, 0, 0)
