@@ -18,7 +18,7 @@ from fastlora.functional import lora_linear, lora_linear_multi
 from fastlora.nf4 import NF4Weight
 from fastlora.quantized import NF4Linear, nf4_linear
 
-__all__ = ["LoRALinear", "as_one_adapter", "is_conv1d"]
+__all__ = ["AdapterTables", "LoRALinear", "as_one_adapter", "is_conv1d"]
 
 DEFAULT_ADAPTER = "default"
 
@@ -42,7 +42,82 @@ def _adapter_dtype(base_dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if base_dtype in (torch.float16, torch.bfloat16) else base_dtype
 
 
-class LoRALinear(nn.Module):
+class AdapterTables:
+    """The named adapters of a LoRA layer, the same for ``LoRALinear``, ``LoRAEmbedding`` and ``LoRAConv``:
+    ``lora_A[name]``, ``lora_B[name]``, DoRA's ``lora_magnitude_vector[name]`` (DoRA adapters only), and per
+    name ``r``, ``lora_alpha``, ``lora_dropout``, ``use_rslora``, ``use_dora``, ``scaling``; which are active,
+    disabling, and which are merged. The layer gives ``merged_adapters`` its meaning."""
+
+    def _init_adapter_tables(self) -> None:
+        self.lora_A = nn.ParameterDict()
+        self.lora_B = nn.ParameterDict()
+        # DoRA adapters' magnitudes m (out_features,), PEFT's lora_magnitude_vector; only DoRA adapters have one.
+        self.lora_magnitude_vector = nn.ParameterDict()
+        self.use_dora: dict[str, bool] = {}
+        self.r: dict[str, int] = {}
+        self.lora_alpha: dict[str, float] = {}
+        self.lora_dropout: dict[str, float] = {}
+        self.use_rslora: dict[str, bool] = {}
+        self.scaling: dict[str, float] = {}
+        self.active_adapters: list[str] = []
+        self.disabled = False
+        self.merged_adapters: list[str] = []
+
+    @property
+    def adapters(self) -> list[str]:
+        return list(self.lora_A.keys())
+
+    def _register_adapter(self, name: str, lora_a: torch.Tensor, lora_b: torch.Tensor, r: int, lora_alpha: float,
+                          lora_dropout: float, use_rslora: bool, magnitude: torch.Tensor | None = None) -> None:
+        """Store a new adapter (checked and built by the caller) and make it the active one."""
+        self.lora_A[name] = lora_a if isinstance(lora_a, nn.Parameter) else nn.Parameter(lora_a)
+        self.lora_B[name] = lora_b if isinstance(lora_b, nn.Parameter) else nn.Parameter(lora_b)
+        if magnitude is not None:
+            self.lora_magnitude_vector[name] = magnitude
+        self.use_dora[name] = magnitude is not None
+        self.r[name], self.lora_alpha[name] = r, lora_alpha
+        self.lora_dropout[name], self.use_rslora[name] = lora_dropout, use_rslora
+        self.scaling[name] = lora_alpha / (math.sqrt(r) if use_rslora else r)
+        self.set_active([name])
+
+    def delete_adapter(self, name: str) -> None:
+        """Remove adapter ``name`` (it may be active; it must not be merged)."""
+        check_adapter_name("adapter_name", name)
+        if name not in self.lora_A:
+            raise ValueError(f"adapter_name: no adapter named {name!r} in this layer (it has {self.adapters})")
+        if name in self.merged_adapters:
+            raise ValueError(f"adapter_name: {name!r} is merged into the weight; unmerge before deleting it")
+        for table in (self.lora_A, self.lora_B, self.r, self.lora_alpha, self.lora_dropout, self.use_rslora, self.scaling,
+                      self.use_dora):  # fmt: skip
+            del table[name]
+        if name in self.lora_magnitude_vector:
+            del self.lora_magnitude_vector[name]
+        self.active_adapters = [a for a in self.active_adapters if a != name]
+
+    def _to_merge(self, names: list[str] | None, safe: bool) -> list[str]:
+        """``merge``'s arguments checked: the adapters it folds in (default: the active ones), less those
+        already merged."""
+        check_bool("safe", safe)
+        if names is not None:
+            names = check_names("adapter_names", names)
+            missing = [n for n in names if n not in self.lora_A]
+            if missing:
+                raise ValueError(f"adapter_names: this layer has no adapter {missing} (it has {self.adapters})")
+        return [n for n in (self.active_adapters if names is None else names) if n not in self.merged_adapters]
+
+    def set_active(self, names: list[str]) -> None:
+        """Make ``names`` (those this layer has) the active adapters, trainable; freeze the others."""
+        names = check_names("names", names, allow_empty=True)
+        self.active_adapters = [n for n in names if n in self.lora_A]
+        for name in self.lora_A:
+            trainable = name in self.active_adapters
+            self.lora_A[name].requires_grad_(trainable)
+            self.lora_B[name].requires_grad_(trainable)
+            if name in self.lora_magnitude_vector:
+                self.lora_magnitude_vector[name].requires_grad_(trainable)
+
+
+class LoRALinear(AdapterTables, nn.Module):
     """y = x·Wᵀ + b + Σ over active adapters of s·(dropout(x)·Aᵀ)·Bᵀ, with W, b frozen.
 
     Parameters (PEFT's layout, so adapters move between the two without transposes):
@@ -164,19 +239,7 @@ class LoRALinear(nn.Module):
             if bias is not None:
                 bias.requires_grad_(False)
             self.register_parameter("bias", bias)
-        self.lora_A = nn.ParameterDict()
-        self.lora_B = nn.ParameterDict()
-        # DoRA adapters' magnitudes m (out_features,), PEFT's lora_magnitude_vector; only DoRA adapters have one.
-        self.lora_magnitude_vector = nn.ParameterDict()
-        self.use_dora: dict[str, bool] = {}
-        self.r: dict[str, int] = {}
-        self.lora_alpha: dict[str, float] = {}
-        self.lora_dropout: dict[str, float] = {}
-        self.use_rslora: dict[str, bool] = {}
-        self.scaling: dict[str, float] = {}
-        self.active_adapters: list[str] = []
-        self.disabled = False
-        self.merged_adapters: list[str] = []
+        self._init_adapter_tables()
         # The base weight as it was before the first merge, kept so that unmerge restores it bit-exactly
         # (subtracting a rounded delta would not). Costs one copy of the weight while anything is merged; on a
         # quantised base, the original NF4Weight (4-bit: cheap).
@@ -205,10 +268,6 @@ class LoRALinear(nn.Module):
 
     # --- adapters -------------------------------------------------------------------------------------
 
-    @property
-    def adapters(self) -> list[str]:
-        return list(self.lora_A.keys())
-
     def add_adapter(self, name: str, r: int = 8, lora_alpha: float = 8, lora_dropout: float = 0.0,
                     use_rslora: bool = False, use_dora: bool = False) -> None:  # fmt: skip
         """Add a freshly initialised adapter (A kaiming-uniform, B zeros) and make it the active one.
@@ -236,39 +295,7 @@ class LoRALinear(nn.Module):
                 w = self._original_weight().detach()
                 m = dora_norm(w, lora_a, lora_b, scaling)
             magnitude = nn.Parameter(m.to(factory["dtype"]).clone())
-        self.lora_A[name], self.lora_B[name] = lora_a, lora_b
-        if magnitude is not None:
-            self.lora_magnitude_vector[name] = magnitude
-        self.use_dora[name] = use_dora
-        self.r[name], self.lora_alpha[name] = r, lora_alpha
-        self.lora_dropout[name], self.use_rslora[name] = lora_dropout, use_rslora
-        self.scaling[name] = scaling
-        self.set_active([name])
-
-    def delete_adapter(self, name: str) -> None:
-        """Remove adapter ``name`` (it may be active; it must not be merged)."""
-        check_adapter_name("adapter_name", name)
-        if name not in self.lora_A:
-            raise ValueError(f"adapter_name: no adapter named {name!r} in this layer (it has {self.adapters})")
-        if name in self.merged_adapters:
-            raise ValueError(f"adapter_name: {name!r} is merged into the weight; unmerge before deleting it")
-        for table in (self.lora_A, self.lora_B, self.r, self.lora_alpha, self.lora_dropout, self.use_rslora, self.scaling,
-                      self.use_dora):  # fmt: skip
-            del table[name]
-        if name in self.lora_magnitude_vector:
-            del self.lora_magnitude_vector[name]
-        self.active_adapters = [a for a in self.active_adapters if a != name]
-
-    def set_active(self, names: list[str]) -> None:
-        """Make ``names`` (those this layer has) the active adapters, trainable; freeze the others."""
-        names = check_names("names", names, allow_empty=True)
-        self.active_adapters = [n for n in names if n in self.lora_A]
-        for name in self.lora_A:
-            trainable = name in self.active_adapters
-            self.lora_A[name].requires_grad_(trainable)
-            self.lora_B[name].requires_grad_(trainable)
-            if name in self.lora_magnitude_vector:
-                self.lora_magnitude_vector[name].requires_grad_(trainable)
+        self._register_adapter(name, lora_a, lora_b, r, lora_alpha, lora_dropout, use_rslora, magnitude)
 
     # --- weights --------------------------------------------------------------------------------------
 
@@ -336,13 +363,7 @@ class LoRALinear(nn.Module):
     def merge(self, names: list[str] | None = None, safe: bool = False) -> None:
         """Fold adapters (default: the active ones not yet merged) into ``weight``. ``safe`` refuses a
         non-finite result. On error the layer is unchanged: everything is allocated before it changes."""
-        check_bool("safe", safe)
-        if names is not None:
-            names = check_names("adapter_names", names)
-            missing = [n for n in names if n not in self.lora_A]
-            if missing:
-                raise ValueError(f"adapter_names: this layer has no adapter {missing} (it has {self.adapters})")
-        names = [n for n in (self.active_adapters if names is None else names) if n not in self.merged_adapters]
+        names = self._to_merge(names, safe)
         if not names:
             return
         if self.quantized:

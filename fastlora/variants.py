@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from fastlora import mixed_batch
 from fastlora._checks import check_adapter_name, check_bool, check_hparams, check_module, check_names
-from fastlora.layers import DEFAULT_ADAPTER, _adapter_dtype
+from fastlora.layers import DEFAULT_ADAPTER, AdapterTables, _adapter_dtype
 
 __all__ = ["LoRAEmbedding", "LoRAConv", "VARIANT_LAYERS", "is_variant_target", "wrap", "features", "adapter_shapes"]
 
@@ -88,7 +88,7 @@ def adapter_shapes(module: nn.Module, rank: int) -> dict[str, tuple[int, ...]]:
             "lora_B.weight": (base.out_channels, rank // base.groups, *ones)}  # fmt: skip
 
 
-class _AdapterLayer(nn.Module):
+class _AdapterLayer(AdapterTables, nn.Module):
     """What ``LoRAEmbedding`` and ``LoRAConv`` share: the frozen base module (``base_layer``), the adapters
     (``lora_A[name]``, ``lora_B[name]``, ``r``, ``lora_alpha``, ``lora_dropout``, ``use_rslora``, ``scaling``),
     which are active, disabling, and merging into the base weight (and back, bit-exactly) — the same
@@ -106,16 +106,7 @@ class _AdapterLayer(nn.Module):
             p.requires_grad_(False)
         self.base_layer = base
         self.in_features, self.out_features = in_features, out_features
-        self.lora_A = nn.ParameterDict()
-        self.lora_B = nn.ParameterDict()
-        self.r: dict[str, int] = {}
-        self.lora_alpha: dict[str, float] = {}
-        self.lora_dropout: dict[str, float] = {}
-        self.use_rslora: dict[str, bool] = {}
-        self.scaling: dict[str, float] = {}
-        self.active_adapters: list[str] = []
-        self.disabled = False
-        self.merged_adapters: list[str] = []
+        self._init_adapter_tables()
         # The base weight before the first merge, so that unmerge restores it bit-exactly (as LoRALinear).
         self._unmerged_weight: torch.Tensor | None = None
 
@@ -143,10 +134,6 @@ class _AdapterLayer(nn.Module):
 
     # --- adapters -------------------------------------------------------------------------------------
 
-    @property
-    def adapters(self) -> list[str]:
-        return list(self.lora_A.keys())
-
     def add_adapter(self, name: str, r: int = 8, lora_alpha: float = 8, lora_dropout: float = 0.0,
                     use_rslora: bool = False) -> None:  # fmt: skip
         """Add a freshly initialised adapter (PEFT's initialisation for this layer type) and make it the active
@@ -160,31 +147,7 @@ class _AdapterLayer(nn.Module):
             raise ValueError(f"adapter_name: this layer already has an adapter named {name!r}")
         weight = self.base_layer.weight
         lora_a, lora_b = self._new_adapter(r, weight.device, _adapter_dtype(weight.dtype))
-        self.lora_A[name], self.lora_B[name] = nn.Parameter(lora_a), nn.Parameter(lora_b)
-        self.r[name], self.lora_alpha[name] = r, lora_alpha
-        self.lora_dropout[name], self.use_rslora[name] = lora_dropout, use_rslora
-        self.scaling[name] = lora_alpha / (math.sqrt(r) if use_rslora else r)
-        self.set_active([name])
-
-    def delete_adapter(self, name: str) -> None:
-        """Remove adapter ``name`` (it may be active; it must not be merged)."""
-        check_adapter_name("adapter_name", name)
-        if name not in self.lora_A:
-            raise ValueError(f"adapter_name: no adapter named {name!r} in this layer (it has {self.adapters})")
-        if name in self.merged_adapters:
-            raise ValueError(f"adapter_name: {name!r} is merged into the weight; unmerge before deleting it")
-        for table in (self.lora_A, self.lora_B, self.r, self.lora_alpha, self.lora_dropout, self.use_rslora, self.scaling):
-            del table[name]
-        self.active_adapters = [a for a in self.active_adapters if a != name]
-
-    def set_active(self, names: list[str]) -> None:
-        """Make ``names`` (those this layer has) the active adapters, trainable; freeze the others."""
-        names = check_names("names", names, allow_empty=True)
-        self.active_adapters = [n for n in names if n in self.lora_A]
-        for name in self.lora_A:
-            trainable = name in self.active_adapters
-            self.lora_A[name].requires_grad_(trainable)
-            self.lora_B[name].requires_grad_(trainable)
+        self._register_adapter(name, lora_a, lora_b, r, lora_alpha, lora_dropout, use_rslora)
 
     # --- weights --------------------------------------------------------------------------------------
 
@@ -219,13 +182,7 @@ class _AdapterLayer(nn.Module):
         """Fold adapters (default: the active ones not yet merged) into the base weight, in place. ``safe``
         refuses a non-finite result. On error the layer is unchanged: everything is computed before it
         changes."""
-        check_bool("safe", safe)
-        if names is not None:
-            names = check_names("adapter_names", names)
-            missing = [n for n in names if n not in self.lora_A]
-            if missing:
-                raise ValueError(f"adapter_names: this layer has no adapter {missing} (it has {self.adapters})")
-        names = [n for n in (self.active_adapters if names is None else names) if n not in self.merged_adapters]
+        names = self._to_merge(names, safe)
         if not names:
             return
         new = self.merged_weight(names)
