@@ -22,7 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from fastlora import mixed_batch
-from fastlora._checks import check_adapter_name, check_bool, check_hparams, check_module, check_names
+from fastlora._checks import check_adapter_name, check_bool, check_hparams, check_module
 from fastlora.layers import DEFAULT_ADAPTER, AdapterTables, _adapter_dtype
 
 __all__ = ["LoRAEmbedding", "LoRAConv", "VARIANT_LAYERS", "is_variant_target", "wrap", "features", "adapter_shapes"]
