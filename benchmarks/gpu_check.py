@@ -19,7 +19,7 @@
    against eager calls with the same seed (the path has no host sync; tests/test_no_host_sync.py).
 5. QLoRA: the fused op over an NF4 weight against the bare bf16 layer at M = 4096 and 16 to 64, and against
    PEFT over bitsandbytes' Linear4bit where bitsandbytes imports on the GPU machine.
-6. Mixed-adapter batches (``multi_timings``).
+6. Mixed-adapter batches (``multi_timings``); DoRA (``dora_timings``).
 7. The CUDA extension (``cuda_extension``): built here, its kernel's numerics against float64 and bit for bit
    against the host replay of its arithmetic, its decode timings, its CUDA graph capture.
 
@@ -382,6 +382,41 @@ def multi_timings(device: torch.device, backends: list[str], quick: bool, rounds
     return rows
 
 
+def dora_timings(device: torch.device, backends: list[str], quick: bool, rounds: int) -> list[dict]:
+    """DoRA (``fastlora.dora_linear`` through an accelerated PEFT DoRA layer) at Llama-2-7B q and down shapes,
+    M = 4096, r = 16, bf16, dropout 0 (quick: small fp32), forward+backward against bare ``F.linear`` (forward
+    and input gradient; target <= 1.20x) and PEFT's DoRA layer (target >= 1.5x faster), output first checked
+    against PEFT's."""
+    from fastlora.bench_dora import _variants
+
+    backend = "triton" if "triton" in backends else "torch"
+    dtype = torch.float32 if quick else torch.bfloat16
+    shapes = [("q", 64, 96, 64)] if quick else [(name, 4096, *layer_shapes("Llama-2-7B")[name]) for name in ("q", "down")]
+    rows = []
+    for layer, m, k, n in shapes:
+        row = {"layer": layer, "m": m, "k": k, "n": n, "dtype": str(dtype).removeprefix("torch."), "backend": backend}
+        rows.append(row)
+        try:
+            with fastlora.use_backend(backend):
+                fns, params, x, (peft_model, ours_model) = _variants(m, k, n, 16, 0.0, device, dtype)
+                with torch.no_grad():
+                    want, got = peft_model(x).float(), ours_model(x).float()
+                row["check_rel_err"] = _rel(got, want)
+                if not row["check_rel_err"] < 2e-2:
+                    raise AssertionError(f"DoRA off PEFT's output by {row['check_rel_err']:.3g}")
+                times: dict[str, list[float]] = {key: [] for key in fns}
+                for _ in range(rounds):
+                    for key, fn in fns.items():
+                        times[key].append(median_ms(fn, device, [x, *params]))
+            med = {key: sorted(v)[len(v) // 2] for key, v in times.items()}
+            row.update({"bare_ms": med["bare frozen layer"], "peft_ms": med["PEFT DoRA"], "fastlora_ms": med["fastlora DoRA"]})
+            row["vs_bare"] = row["fastlora_ms"] / row["bare_ms"]
+            row["speedup_vs_peft"] = row["peft_ms"] / row["fastlora_ms"]
+        except Exception as err:
+            row["error"] = f"{type(err).__name__}: {err}"[:500]
+    return rows
+
+
 def _extension_case(device, m, k, n, ranks, index, dtype, adapter_dtype, seed=0):
     """Operands of ``torch.ops.fastlora.cuda_lora_decode`` on ``device`` (lanes past a rank are NaN: never read)."""
     g = torch.Generator().manual_seed(seed)
@@ -661,6 +696,17 @@ def to_markdown(result: dict) -> str:
             lines.append(f"| {q['rows']} | {q['adapters']} | {q['backend']} | {q['multi_fwd_ms']:.3f} | "
                          f"{f(q.get('fwd_vs_single'), '.3f')} | {f(q.get('fwd_bwd_vs_single'), '.3f')} | "
                          f"{f(q.get('peft_fwd_ms'), '.3f')} | {f(q.get('speedup_vs_peft'), '.2f')} |")  # fmt: skip
+    dora = result.get("dora", [])
+    if dora:
+        lines += ["", "DoRA, forward+backward, dropout 0 (targets <= 1.20x bare F.linear, >= 1.5x faster than PEFT's DoRA).",
+                  "", "| layer | M | backend | bare ms | PEFT DoRA ms | fastlora ms | vs bare | speed-up over PEFT |",
+                  "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+        for q in dora:
+            if "error" in q:
+                lines.append(f"| {q['layer']} | {q['m']} | {q['backend']} | FAILED {q['error']} | | | | |")
+                continue
+            lines.append(f"| {q['layer']} | {q['m']} | {q['backend']} | {q['bare_ms']:.3f} | {q['peft_ms']:.3f} | "
+                         f"{q['fastlora_ms']:.3f} | {q['vs_bare']:.3f} | {q['speedup_vs_peft']:.2f} |")  # fmt: skip
     ext = result.get("cuda_extension", {})
     lines += ["", "CUDA extension (csrc/, one-launch decode): " + (("skipped: " + ext["skipped"]) if "skipped" in ext else
               f"built in {ext.get('build_s', 0):.0f} s, ptxas {ext.get('ptxas')}")]  # fmt: skip
@@ -708,6 +754,7 @@ def main(argv: list[str] | None = None) -> int:
         result["graph_capture"] = graph_capture(device, backends)
         result["qlora"] = qlora_timings(device, backends, args.quick, rounds=1 if args.quick else 3)
         result["multi"] = multi_timings(device, backends, args.quick, rounds=1 if args.quick else 3)
+        result["dora"] = dora_timings(device, backends, args.quick, rounds=1 if args.quick else 3)
         result["cuda_extension"] = cuda_extension(device, args.quick, rounds=1 if args.quick else 3)
     except Exception:
         result["crash"] = traceback.format_exc()
@@ -718,6 +765,7 @@ def main(argv: list[str] | None = None) -> int:
         result.setdefault("graph_capture", [])
         result.setdefault("qlora", [])
         result.setdefault("multi", [])
+        result.setdefault("dora", [])
         result.setdefault("cuda_extension", {"skipped": "the check crashed before it"})
     result["seconds"] = time.time() - start
     args.out.mkdir(parents=True, exist_ok=True)
@@ -729,7 +777,7 @@ def main(argv: list[str] | None = None) -> int:
     print(table)
     failed = (not all(c["ok"] for c in result["numerics"]) or any("error" in g for g in result["main_loop_gap"])
               or any("error" in g for g in result["graph_capture"]) or any("error" in g for g in result["qlora"])
-              or any("error" in g for g in result["multi"])
+              or any("error" in g for g in result["multi"]) or any("error" in g for g in result["dora"])
               or not all(c.get("ok") for c in result["cuda_extension"].get("numerics", []))
               or any("error" in g for g in result["cuda_extension"].get("timings", [])))  # fmt: skip
     return 1 if "crash" in result or failed else 0

@@ -31,12 +31,17 @@ def _ms(step) -> float:
     return (time.perf_counter() - start) * 1e3
 
 
-def _variants(m: int, k: int, n: int, r: int, dropout: float):
+def _variants(m: int, k: int, n: int, r: int, dropout: float, device: torch.device | str = "cpu",
+              dtype: torch.dtype = torch.float32):  # fmt: skip
+    """The three variants as closures (forward+backward each), their trainable parameters, x, and the two
+    models (PEFT's, and the accelerated copy); the layer and x in ``dtype`` on ``device`` (the GPU check runs
+    them in bf16)."""
     from peft import LoraConfig, get_peft_model
 
     torch.manual_seed(0)
     peft = get_peft_model(nn.Sequential(nn.Linear(k, n)), LoraConfig(r=r, lora_alpha=2 * r, target_modules=["0"],
                           lora_dropout=dropout, use_dora=True, init_lora_weights=False))  # fmt: skip
+    peft = peft.to(device=device, dtype=dtype)
     with torch.no_grad():
         for name, p in peft.named_parameters():
             if "lora_magnitude_vector" in name:
@@ -47,8 +52,8 @@ def _variants(m: int, k: int, n: int, r: int, dropout: float):
         fastlora.accelerate(ours)
     peft.train(), ours.train()
     g = torch.Generator().manual_seed(3)
-    x = torch.randn(m, k, generator=g, requires_grad=True)
-    grad = torch.randn(m, n, generator=g)
+    x = torch.randn(m, k, generator=g).to(device=device, dtype=dtype).requires_grad_()
+    grad = torch.randn(m, n, generator=g).to(device=device, dtype=dtype)
     base = peft.base_model.model[0].base_layer
     params = [p for model in (peft, ours) for p in model.parameters() if p.requires_grad]
 
@@ -61,7 +66,7 @@ def _variants(m: int, k: int, n: int, r: int, dropout: float):
         "bare frozen layer": lambda: F.linear(x, base.weight, base.bias).backward(grad),
         "PEFT DoRA": step(peft),
         "fastlora DoRA": step(ours),
-    }, params, x
+    }, params, x, (peft, ours)
 
 
 def dora_side_by_side(rounds: int = 15, m: int = 2048, k: int = 1024, n: int = 1024, r: int = 16,
@@ -70,7 +75,7 @@ def dora_side_by_side(rounds: int = 15, m: int = 2048, k: int = 1024, n: int = 1
     rows = []
     with fastlora.use_backend("torch"):
         for p in dropouts:
-            fns, params, x = _variants(m, k, n, r, p)
+            fns, params, x, _ = _variants(m, k, n, r, p)
             times: dict[str, list[float]] = {name: [] for name in fns}
 
             def reset():

@@ -29,6 +29,8 @@ def test_gpu_check_quick(tmp_path):
     assert multi and all("multi_fwd_ms" in r and r["speedup_vs_peft"] > 0 for r in multi), multi
     capture = result["graph_capture"]  # a GPU-only part: off a GPU, one row says it was not run and why
     assert capture and all("skipped" in g or g["ok"] for g in capture), capture
+    dora = result["dora"]  # DoRA: checked against PEFT's layer, then timed
+    assert dora and all("fastlora_ms" in r and r["speedup_vs_peft"] > 0 for r in dora), dora
     ext = result["cuda_extension"]  # GPU-only: off a GPU it says it was not run and why
     assert "skipped" in ext or (all(c["ok"] for c in ext["numerics"]) and ext["timings"]), ext
     assert proc.stdout.rstrip().splitlines()[-1].startswith("Targets:")  # the table comes last
