@@ -1937,9 +1937,9 @@ def _(s):
     return lambda: check_close(fastlora.accelerate(model)(X()), expected, "output")
 
 
-@valid("accelerate_dora_left_to_peft")
+@valid("accelerate_dora")
 def _(s):
-    """DoRA layers stay PEFT's (with a warning); the output is PEFT's."""
+    """DoRA layers run fused (fastlora.dora_linear); the output is PEFT's."""
     model = peft_tiny(use_dora=True)
     expected = model(X()).detach()
 

@@ -299,6 +299,16 @@ def load_adapter(model: nn.Module, path: str | Path, adapter_name: str = DEFAULT
             expected[f"{PREFIX}{module_name}.{pname}"] = tuple(p.shape)
     missing = sorted(set(expected) - set(tensors))
     extra = sorted(set(tensors) - set(expected))
+    # The DoRA magnitudes and the config's use_dora must agree: say which side is off, by the config key.
+    magnitudes_missing = [k for k in missing if k.endswith(f".{MAGNITUDE_KEY}")]
+    magnitudes_extra = [k for k in extra if k.endswith(f".{MAGNITUDE_KEY}")]
+    if config["use_dora"] and magnitudes_missing:
+        raise ValueError(f"{path / CONFIG_NAME}: use_dora is true but {path / WEIGHTS_NAME} lacks the DoRA "
+                         f"magnitudes {magnitudes_missing[:3]}{'...' if len(magnitudes_missing) > 3 else ''} "
+                         f"({len(magnitudes_missing)})")  # fmt: skip
+    if not config["use_dora"] and magnitudes_extra:
+        raise ValueError(f"{path / CONFIG_NAME}: use_dora is false but {path / WEIGHTS_NAME} holds DoRA magnitudes "
+                         f"{magnitudes_extra[:3]}{'...' if len(magnitudes_extra) > 3 else ''} ({len(magnitudes_extra)})")  # fmt: skip
     if missing or extra:
         raise ValueError(f"{path / WEIGHTS_NAME}: keys do not match the model and config: "
                          f"missing {missing[:5]}{'...' if len(missing) > 5 else ''} ({len(missing)}), "

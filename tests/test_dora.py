@@ -370,7 +370,7 @@ def test_bad_dora_files_leave_the_model_untouched(tmp_path):
         ("short", lambda t: t.update({key: t[key][:5]}), ValueError, r"wrong shapes: .*q_proj.lora_magnitude_vector: "
          r"expected \(32,\), got \(5,\)"),
         ("nan", lambda t: t[key].fill_(float("nan")), ValueError, r"NaN or Inf values: \[.*lora_magnitude_vector"),
-        ("missing", lambda t: t.pop(key), ValueError, r"missing \['.*q_proj.lora_magnitude_vector'\]"),
+        ("missing", lambda t: t.pop(key), ValueError, r"use_dora is true but .* lacks the DoRA magnitudes \['.*q_proj.lora_magnitude_vector'\]"),
     ]:  # fmt: skip
         folder = tmp_path / name
         folder.mkdir()
@@ -382,6 +382,16 @@ def test_bad_dora_files_leave_the_model_untouched(tmp_path):
         with pytest.raises(error, match=message):
             fastlora.load_adapter(model, folder, adapter_name="d")
         assert_unchanged(model, before)
+    # The magnitudes of a DoRA file under a config that says use_dora is false: named by the config key.
+    config = json.loads((tmp_path / "ok" / "adapter_config.json").read_text())
+    folder = tmp_path / "not dora"
+    folder.mkdir()
+    (folder / "adapter_config.json").write_text(json.dumps({**config, "use_dora": False}))
+    (folder / "adapter_model.safetensors").write_bytes((tmp_path / "ok" / "adapter_model.safetensors").read_bytes())
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=r"use_dora is false but .* holds DoRA magnitudes \['.*lora_magnitude_vector'"):
+        fastlora.load_adapter(model, folder, adapter_name="d")
+    assert_unchanged(model, before)
 
 
 def test_inject_refuses_dora_where_not_implemented():

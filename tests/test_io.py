@@ -117,10 +117,10 @@ BAD = {
     "bad json": (lambda p: (p / "adapter_config.json").write_text("{not json"),
                  ValueError, r"adapter_config.json: not valid JSON"),
     "not lora": (lambda p: _edit_config(p, peft_type="IA3"), ValueError, r"peft_type: expected 'LORA', got 'IA3'"),
-    # DoRA is supported: a config saying use_dora without the magnitudes in the file is a key mismatch.
+    # DoRA is supported: a config saying use_dora without the magnitudes in the file names the config key.
     "dora without magnitudes": (lambda p: _edit_config(p, use_dora=True), ValueError,
-                                r"keys do not match the model and config: missing \['base_model.model.model.layers.0"
-                                r"\.[a-z_.]+\.lora_magnitude_vector'"),
+                                r"adapter_config.json: use_dora is true but .*adapter_model.safetensors lacks the DoRA "
+                                r"magnitudes \['base_model.model.model.layers.0\.[a-z_.]+\.lora_magnitude_vector'"),
     "lora bias": (lambda p: _edit_config(p, lora_bias=True, bias="all"), ValueError,
                   r"fastlora does not support lora_bias=True, bias='all'"),
     "pissa": (lambda p: _edit_config(p, init_lora_weights="pissa"), ValueError,
