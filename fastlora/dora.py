@@ -124,7 +124,7 @@ def dora_norm(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, 
 
 
 def _stacked(x2: torch.Tensor, keep: torch.Tensor, dropout_p: float) -> torch.Tensor:
-    """[x̂; x − x̂] (2M, K) with x̂ = x ⊙ m / (1 − p), from the 0/1 keep-mask ``keep`` (M, K)."""
+    """[x̂; x − x̂] (2M, K) with x̂ = x ⊙ m / (1 − p), from the keep-mask ``keep`` (M, K), boolean or 0/1."""
     m = x2.shape[0]
     out = torch.empty((2 * m, x2.shape[1]), dtype=x2.dtype, device=x2.device)
     torch.mul(x2, keep, out=out[:m]).mul_(1.0 / (1.0 - dropout_p))
@@ -157,9 +157,8 @@ def _dora_forward(backend, x, weight, bias, lora_A, lora_B, magnitude, norm, sca
         y = torch.mul(y0, c) if bias is None else torch.addcmul(bias, y0, c)  # one pass, a fresh tensor
         return y.view(*lead, out_features), c, y0, shrink
     m = x2.shape[0]
-    keep = backend.keep_mask(seed, tuple(x2.shape), dropout_p, x.device).to(x.dtype)
-    stacked = _stacked(x2, keep, dropout_p)
-    del keep
+    mask = backend.keep_mask(seed, tuple(x2.shape), dropout_p, x.device)  # bool (M, K)
+    stacked = _stacked(x2, mask, dropout_p)
     grouping = _halves(m, x.device)
     both, shrink = backend.forward_multi(stacked, weight, None, lora_A[None], lora_B[None], (scaling,), (0.0,),
                                          (lora_A.shape[0],), grouping, None)  # fmt: skip
@@ -167,13 +166,13 @@ def _dora_forward(backend, x, weight, bias, lora_A, lora_B, magnitude, norm, sca
     if bias is not None:
         e.add_(bias)
     y = _as_output(e.addcmul_(d, c))  # E + b + c ⊙ D, in E's rows (D stays intact for dm)
-    return y.view(*lead, out_features), c, d, (stacked, shrink, grouping)
+    return y.view(*lead, out_features), c, d, (mask, shrink, grouping)
 
 
 class DoRALinearFunction(torch.autograd.Function):
     """The DoRA linear's autograd. ``params = (scaling, dropout_p, seed, backend name, norm)``; the norm is
-    an input of no gradient (detached, as PEFT's). Saved: x (p = 0) or [x̂; x − x̂] (dropout), W, A, B, S,
-    the unscaled pre-bias term D (M, N) and c (N,)."""
+    an input of no gradient (detached, as PEFT's). Saved: x, W, A, B, S, the unscaled pre-bias term D (M, N),
+    c (N,) and, with dropout, the boolean keep-mask (M, K)."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, lora_A, lora_B, magnitude, params):
@@ -184,10 +183,11 @@ class DoRALinearFunction(torch.autograd.Function):
             ctx.save_for_backward(x, weight, lora_A, lora_B, extra, d, c, norm, None)
             ctx.grouping = None
         else:
-            # x itself and the seed, not the stacked rows: backward redraws the mask (as the LoRA op does)
-            # rather than keep two x-sized tensors alive until then.
-            _, shrink, grouping = extra
-            ctx.save_for_backward(x, weight, lora_A, lora_B, shrink, d, c, norm, seed)
+            # x itself and the boolean mask (one byte an element), not the stacked rows (two x-sized tensors):
+            # backward rebuilds them. Keeping the mask costs what drawing it again would save in time (on the
+            # CPU, drawing an (M, K) mask takes about a fifth of one M×K×N GEMM's time).
+            mask, shrink, grouping = extra
+            ctx.save_for_backward(x, weight, lora_A, lora_B, shrink, d, c, norm, mask)
             ctx.grouping = grouping
         ctx.params = (scaling, dropout_p, backend, x.shape, magnitude.dtype)
         x_, w_, b_, a_, bb_, m_ = ctx.needs_input_grad[:6]
@@ -197,7 +197,7 @@ class DoRALinearFunction(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_y):
-        x, weight, lora_A, lora_B, shrink, d, c, norm, seed = ctx.saved_tensors
+        x, weight, lora_A, lora_B, shrink, d, c, norm, mask = ctx.saved_tensors
         scaling, dropout_p, backend_name, x_shape, m_dtype = ctx.params
         need_x, need_a, need_b, need_w, need_bias, need_m = ctx.needs
         backend = get_backend(backend_name)
@@ -207,17 +207,17 @@ class DoRALinearFunction(torch.autograd.Function):
         if need_m:  # dm_n = Σ_rows g ⊙ D / ‖·‖_n, summed in the norm's precision
             grad_m = (torch.mul(g, d).sum(0, dtype=norm.dtype) / norm).to(m_dtype)
         grad_bias = g.sum(0) if need_bias else None
-        gc = torch.mul(g, c)  # the gradient reaching D
         x2 = x.reshape(-1, x.shape[-1])
         if dropout_p == 0.0:
+            gc = torch.mul(g, c)  # the gradient reaching D
             dx, da, db_, dw, _ = backend.backward(gc, x2, weight, lora_A, lora_B, shrink, scaling, 0.0, None,
                                                   (need_x, need_a, need_b, need_w, False))  # fmt: skip
             return (None if dx is None else dx.view(x_shape)), dw, grad_bias, da, db_, grad_m, None
         m = g.shape[0]
-        keep = backend.keep_mask(seed, tuple(x2.shape), dropout_p, x.device).to(x.dtype)
-        stacked = _stacked(x2, keep, dropout_p)
-        g2 = torch.cat((gc, g))  # [g ⊙ c; g] against [x̂; x − x̂]
-        del gc
+        stacked = _stacked(x2, mask, dropout_p)
+        g2 = torch.empty((2 * m, out_features), dtype=g.dtype, device=g.device)  # [g ⊙ c; g] against [x̂; x − x̂]
+        torch.mul(g, c, out=g2[:m])  # the gradient reaching D
+        g2[m:].copy_(g)
         dx2, da, db_, dw, _ = backend.backward_multi(g2, stacked, weight, lora_A[None], lora_B[None], shrink,
                                                      (scaling,), (0.0,), (lora_A.shape[0],), ctx.grouping, None,
                                                      (need_x, need_a, need_b, need_w, False))  # fmt: skip
@@ -227,7 +227,7 @@ class DoRALinearFunction(torch.autograd.Function):
             # x̂ = k ⊙ x and x − x̂ = (1 − k) ⊙ x, k = m/(1 − p): dx = k ⊙ d_top + (1 − k) ⊙ d_bot
             #                                                      = d_bot + k ⊙ (d_top − d_bot).
             top, bot = dx2[:m], dx2[m:]
-            dx = top.sub_(bot).mul_(keep).mul_(1.0 / (1.0 - dropout_p)).add_(bot)
+            dx = top.sub_(bot).mul_(mask).mul_(1.0 / (1.0 - dropout_p)).add_(bot)
             dx = _as_output(dx).view(x_shape)
         return (dx, dw, grad_bias, None if da is None else da[0], None if db_ is None else db_[0], grad_m,
                 None)  # fmt: skip
@@ -287,8 +287,8 @@ def dora_linear(
         gᵀ·(x − x̂), db = Σ g), each in its input's dtype.
 
     Costs: forward the backend's fused LoRA GEMM and one pass to scale by c (p = 0); with dropout one GEMM
-    over the 2M stacked rows [x̂; x − x̂]. Saved for backward: x, S (M, r), the seed, and D = x̂·Wᵀ + s·x̂·Aᵀ·Bᵀ
-    (M, N), which dm needs.
+    over the 2M stacked rows [x̂; x − x̂]. Saved for backward: x, S (M, r), D = x̂·Wᵀ + s·x̂·Aᵀ·Bᵀ (M, N),
+    which dm needs, and with dropout the boolean keep-mask (M, K).
     """
     _check_dora(x, weight, bias, lora_A, lora_B, magnitude, scaling, dropout_p, training, generator)
     p = float(dropout_p) if training else 0.0

@@ -402,12 +402,14 @@ class TorchBackend:
         # Accumulated in x's dtype (an adapter may have several runs), cast once by the caller.
         grad_a = torch.zeros_like(a_all) if need_a else None
         grad_b = torch.zeros_like(b_all) if need_b else None
-        dxs = torch.zeros_like(x2) if need_x else None  # base-only rows get G·W alone
+        dxs = torch.empty_like(x2) if need_x else None  # every row written below: segments' terms, base-only 0
         keep = self._row_keep(seed, grouping, dropout_ps, in_features, x2.device, x2.dtype)
         if keep is not None and order is not None:
             keep = keep.index_select(0, order)
         for lo, hi, a in grouping.segments:
             if a < 0:
+                if need_x:
+                    dxs[lo:hi].zero_()  # base-only rows get G·W alone
                 continue
             r, g_a = ranks[a], gs[lo:hi]
             seg_keep = None if keep is None or dropout_ps[a] == 0.0 else keep[lo:hi]
