@@ -434,28 +434,27 @@ def _qlora(args, argv) -> int:
     return _write(args.out, result, qlora_markdown(rows, **shape, dtype=torch.bfloat16, rounds=args.rounds))
 
 
-def _multi(args, argv) -> int:
-    from fastlora.bench_multi import multi_side_by_side
-    from fastlora.bench_multi import to_markdown as multi_markdown
-
+def _side_by_side(args, argv, rows_for, markdown) -> int:
+    """A CPU comparison mode (``--multi``, ``--dora``): ``rows_for(rounds=...)`` measured, written with the
+    environment and the command that produced it."""
     start = time.time()
-    rows = multi_side_by_side(rounds=args.rounds)
+    rows = rows_for(rounds=args.rounds)
     result = {"environment": environment(torch.device("cpu")), "rounds": args.rounds,
               "command": "fastlora bench " + " ".join(sys.argv[2:] if argv is None else argv), "rows": rows,
               "seconds": time.time() - start}  # fmt: skip
-    return _write(args.out, result, multi_markdown(rows, rounds=args.rounds))
+    return _write(args.out, result, markdown(rows, rounds=args.rounds))
+
+
+def _multi(args, argv) -> int:
+    from fastlora.bench_multi import multi_side_by_side, to_markdown
+
+    return _side_by_side(args, argv, multi_side_by_side, to_markdown)
 
 
 def _dora(args, argv) -> int:
-    from fastlora.bench_dora import dora_side_by_side
-    from fastlora.bench_dora import to_markdown as dora_markdown
+    from fastlora.bench_dora import dora_side_by_side, to_markdown
 
-    start = time.time()
-    rows = dora_side_by_side(rounds=args.rounds)
-    result = {"environment": environment(torch.device("cpu")), "rounds": args.rounds,
-              "command": "fastlora bench " + " ".join(sys.argv[2:] if argv is None else argv), "rows": rows,
-              "seconds": time.time() - start}  # fmt: skip
-    return _write(args.out, result, dora_markdown(rows, rounds=args.rounds))
+    return _side_by_side(args, argv, dora_side_by_side, to_markdown)
 
 
 def _write(out: Path, result: dict, table: str) -> int:
