@@ -164,7 +164,7 @@ nvcc = {nvcc}
 cxx = {_cxx()}
 src = {src}
 rule nvcc
-  command = $nvcc -std=c++17 -O3 -Xcompiler -fPIC {gencode} -Xptxas -v -I$src -c $in -o $out 2> $out.ptxas.log || (cat $out.ptxas.log; exit 1)
+  command = $nvcc -std=c++17 -O3 --threads 0 -Xcompiler -fPIC {gencode} -Xptxas -v -I$src -c $in -o $out 2> $out.ptxas.log || (cat $out.ptxas.log; exit 1)
   description = nvcc $in
 rule cxx
   command = $cxx -std=c++17 -O2 -fPIC -fvisibility=hidden -DFASTLORA_ARCHS='"{arch_list}"' -I$src -I{root / "include"} -I{_pybind11_include()} -I{python_include} -c $in -o $out
