@@ -106,7 +106,8 @@ def check_names(model: nn.Module, names: object) -> tuple[str, ...]:
         raise TypeError(f"adapter_names: expected a list of adapter names, one per sample, got {names!r} "
                         f"({type(names).__name__})")  # fmt: skip
     for i, n in enumerate(names):
-        check_adapter_name(f"adapter_names[{i}]", n)
+        if type(n) is not str or not n or "." in n:  # the usual names pass without building a message
+            check_adapter_name(f"adapter_names[{i}]", n)
     layers = _lora_layers(model)
     if not layers:
         raise ValueError("adapter_names: the model has no LoRA layers")

@@ -112,6 +112,14 @@ def _add_base(out: torch.Tensor, lhs: torch.Tensor, weight, grad: bool = False) 
         out.copy_(acc)
 
 
+@functools.lru_cache(maxsize=64)
+def _lane_table(scalings: tuple, ranks: tuple, r_max: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """(n + 1, r_max): row a holds s_a on lanes below rank_a, 0 past it; row n (base-only rows) is 0. Built
+    once per set of values: the layers of a model and the batches of a run ask with the same ones."""
+    lanes = [[s if j < r else 0.0 for j in range(r_max)] for s, r in zip(scalings, ranks)]
+    return torch.tensor([*lanes, [0.0] * r_max], dtype=dtype, device=device)
+
+
 def _base_into(out: torch.Tensor, x2: torch.Tensor, weight, bias: torch.Tensor | None) -> None:
     """out (M, N) = x2 (M, K)·Wᵀ + b for a dense or quantised W: one GEMM with the bias as its addend."""
     if isinstance(weight, torch.Tensor):
@@ -500,8 +508,7 @@ class TorchBackend:
         out_features, m, device = b_all.shape[1], x2.shape[0], x2.device
 
         def select():  # (M, n, r_max): s_a on row i's own adapter's lanes within its rank, 0 elsewhere
-            lanes = [[s if j < r else 0.0 for j in range(r_max)] for s, r in zip(scalings, ranks)]
-            table = torch.tensor([*lanes, [0.0] * r_max], dtype=x2.dtype, device=device)  # row n: base only
+            table = _lane_table(scalings, ranks, r_max, x2.dtype, device)
             index = grouping.index  # −1 picks slot n, dropped below
             kept = torch.zeros((m, n + 1, r_max), dtype=x2.dtype, device=device)
             kept[torch.arange(m, device=device), index] = table[index]
