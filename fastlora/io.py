@@ -76,7 +76,7 @@ _UNDERSTOOD = {
 def _adapter_keys(module: nn.Module, rank: int) -> dict[str, tuple[int, ...]]:
     """{key suffix: shape} of the two adapter tensors PEFT's files hold for a target (a base layer or a
     fastlora layer), in (A, B) order."""
-    if variants.is_variant_target(module) or isinstance(module, variants.VARIANT_LAYERS):
+    if variants.is_variant(module):
         return variants.adapter_shapes(module, rank)
     out_f, in_f = _features(module)
     return {"lora_A.weight": (rank, in_f), "lora_B.weight": (out_f, rank)}

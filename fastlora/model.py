@@ -104,7 +104,7 @@ def lora_layers(model: nn.Module) -> dict[str, LoRALayer]:
 def _features(module: nn.Module) -> tuple[int, int]:
     """(out_features, in_features) of a layer of any of the kinds ``inject`` takes (PEFT's counts for
     embeddings and convolutions: see ``variants.features``)."""
-    if isinstance(module, variants.VARIANT_LAYERS) or variants.is_variant_target(module):
+    if variants.is_variant(module):
         return variants.features(module)
     if hasattr(module, "out_features") and hasattr(module, "in_features"):
         return module.out_features, module.in_features
@@ -200,7 +200,7 @@ def plan_injection(
             if reason is not None:
                 raise TypeError(f"target_modules: {name} is {reason}; fastlora's LoRAEmbedding and LoRAConv wrap "
                                 "plain ones (exclude it with exclude_modules)")  # fmt: skip
-        if variants.is_variant_target(module) or isinstance(module, variants.VARIANT_LAYERS):
+        if variants.is_variant(module):
             # r and rank_pattern: the one that gave this layer its rank is the one named
             argument = f"rank_pattern for {name}" if _pattern_value(name, rank_pattern, None) is not None else "r"
             variants.check_rank_for(argument, module, rank)
@@ -225,7 +225,7 @@ def plan_injection(
 def _check_dora_targets(plan: InjectionPlan) -> None:
     """DoRA runs on linear layers with a dense base: refuse the rest by name before anything changes."""
     for name, module, *_ in plan.targets:
-        if variants.is_variant_target(module) or isinstance(module, variants.VARIANT_LAYERS):
+        if variants.is_variant(module):
             raise NotImplementedError(f"use_dora: DoRA on {name} ({type(module).__name__}) is not implemented, only on "
                                       "linear layers (exclude it with exclude_modules)")  # fmt: skip
         if isinstance(module, NF4Linear) or (isinstance(module, LoRALinear) and module.quantized):

@@ -25,7 +25,7 @@ from fastlora import mixed_batch
 from fastlora._checks import check_adapter_name, check_bool, check_hparams, check_module
 from fastlora.layers import DEFAULT_ADAPTER, AdapterTables, _adapter_dtype
 
-__all__ = ["LoRAEmbedding", "LoRAConv", "VARIANT_LAYERS", "is_variant_target", "wrap", "features", "adapter_shapes"]
+__all__ = ["LoRAEmbedding", "LoRAConv", "VARIANT_LAYERS", "is_variant", "is_variant_target", "wrap", "features", "adapter_shapes"]
 
 _CONVS = {nn.Conv1d: F.conv1d, nn.Conv2d: F.conv2d, nn.Conv3d: F.conv3d}
 
@@ -38,6 +38,12 @@ def is_variant_target(module: nn.Module) -> bool:
     """An ``nn.Embedding`` or ``nn.Conv1d/2d/3d`` (or a subclass of one: ``unsupported_reason`` tells whether it
     can be wrapped)."""
     return isinstance(module, nn.Embedding) or _conv_class(module) is not None
+
+
+def is_variant(module: nn.Module) -> bool:
+    """A layer whose adapters take PEFT's embedding or convolution shapes: a base ``is_variant_target`` module
+    or a ``LoRAEmbedding`` / ``LoRAConv`` wrapping one."""
+    return isinstance(module, VARIANT_LAYERS) or is_variant_target(module)
 
 
 def unsupported_reason(module: nn.Module) -> str | None:
@@ -100,7 +106,18 @@ class _AdapterLayer(AdapterTables, nn.Module):
     fan_in_fan_out = False  # PEFT's config field: only GPT-2's Conv1D stores its weight transposed
     quantized = False  # no 4-bit base for these layers
 
-    def _setup(self, base: nn.Module, in_features: int, out_features: int) -> None:
+    def _build(self, argument: str, base: nn.Module, in_features: int, out_features: int, r, lora_alpha, lora_dropout,
+               use_rslora, adapter_name) -> None:  # fmt: skip
+        """What the constructors share once ``base`` (passed as ``argument``) is of their kind: every argument
+        checked before anything changes (building the layer freezes ``base``), then the first adapter."""
+        reason = unsupported_reason(base)
+        if reason is not None:
+            raise TypeError(f"{argument}: got {reason}")
+        out_f, _ = features(base)
+        check_hparams(r, lora_alpha, lora_dropout, in_features=self._elements_in(base), out_features=out_f)
+        check_bool("use_rslora", use_rslora)
+        check_adapter_name("adapter_name", adapter_name)
+        check_rank_for("r", base, r)
         nn.Module.__init__(self)
         for p in base.parameters():
             p.requires_grad_(False)
@@ -109,15 +126,7 @@ class _AdapterLayer(AdapterTables, nn.Module):
         self._init_adapter_tables()
         # The base weight before the first merge, so that unmerge restores it bit-exactly (as LoRALinear).
         self._unmerged_weight: torch.Tensor | None = None
-
-    @classmethod
-    def _check_args(cls, base: nn.Module, r, lora_alpha, lora_dropout, use_rslora, adapter_name) -> None:
-        """Every argument checked before anything changes (building the layer freezes ``base``)."""
-        out_f, in_f = features(base)
-        check_hparams(r, lora_alpha, lora_dropout, in_features=cls._elements_in(base), out_features=out_f)
-        check_bool("use_rslora", use_rslora)
-        check_adapter_name("adapter_name", adapter_name)
-        check_rank_for("r", base, r)
+        self.add_adapter(adapter_name, r, lora_alpha, lora_dropout, use_rslora)
 
     @staticmethod
     def _elements_in(base: nn.Module) -> int:
@@ -309,12 +318,8 @@ class LoRAEmbedding(_AdapterLayer):
         check_module("embedding", embedding)
         if not isinstance(embedding, nn.Embedding):
             raise TypeError(f"embedding: expected an nn.Embedding, got {type(embedding).__name__}")
-        reason = unsupported_reason(embedding)
-        if reason is not None:
-            raise TypeError(f"embedding: got {reason}")
-        self._check_args(embedding, r, lora_alpha, lora_dropout, use_rslora, adapter_name)
-        self._setup(embedding, embedding.num_embeddings, embedding.embedding_dim)
-        self.add_adapter(adapter_name, r, lora_alpha, lora_dropout, use_rslora)
+        self._build("embedding", embedding, embedding.num_embeddings, embedding.embedding_dim, r, lora_alpha,
+                    lora_dropout, use_rslora, adapter_name)  # fmt: skip
 
     @property
     def lora_embedding_A(self) -> nn.ParameterDict:
@@ -388,12 +393,8 @@ class LoRAConv(_AdapterLayer):
         check_module("conv", conv)
         if _conv_class(conv) is None:
             raise TypeError(f"conv: expected an nn.Conv1d, nn.Conv2d or nn.Conv3d, got {type(conv).__name__}")
-        reason = unsupported_reason(conv)
-        if reason is not None:
-            raise TypeError(f"conv: got {reason}")
-        self._check_args(conv, r, lora_alpha, lora_dropout, use_rslora, adapter_name)
-        self._setup(conv, conv.in_channels, conv.out_channels)
-        self.add_adapter(adapter_name, r, lora_alpha, lora_dropout, use_rslora)
+        self._build("conv", conv, conv.in_channels, conv.out_channels, r, lora_alpha, lora_dropout, use_rslora,
+                    adapter_name)  # fmt: skip
 
     @staticmethod
     def _elements_in(base: nn.Module) -> int:
