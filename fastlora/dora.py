@@ -27,8 +27,9 @@ from fastlora.backends import draw_seed, get_backend, resolve_backend
 from fastlora.functional import _autocast_aware, _check_args, _describe
 from fastlora.grouping import group_rows
 from fastlora.nf4 import NF4Weight
+from fastlora.ops import _needs_grad
 
-__all__ = ["DoRALinearFunction", "dora_linear", "dora_norm", "clear_norm_cache"]
+__all__ = ["DoRALinearFunction", "dora_after", "dora_linear", "dora_norm", "clear_norm_cache"]
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -233,6 +234,17 @@ class DoRALinearFunction(torch.autograd.Function):
                 None)  # fmt: skip
 
 
+def dora_after(y: torch.Tensor, x_hat: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+               lora: torch.Tensor, magnitude: torch.Tensor, norm: torch.Tensor, dropped: bool) -> torch.Tensor:
+    """PEFT's rule for a DoRA adapter that comes after others (``DoraLinearVariant.forward`` on the result so
+    far, y (..., N)): y + (c − 1)·(y − b) + c·lora without dropout (it rescales the earlier adapters' terms
+    too), y + (c − 1)·(x̂·Wᵀ) + c·lora with it; c = m / norm, the norm detached and m not. ``lora`` is the
+    adapter's s·(x̂·Aᵀ)·Bᵀ in y's dtype, ``norm`` its ``dora_norm``."""
+    c = (magnitude / norm).to(y.dtype)
+    base = torch.nn.functional.linear(x_hat, weight) if dropped else (y if bias is None else y - bias)
+    return y + (c - 1) * base + c * lora
+
+
 # --- the functional API ---------------------------------------------------------------------------------
 
 
@@ -301,10 +313,6 @@ def _apply(x, weight, bias, lora_A, lora_B, magnitude, scaling, p, generator):
     backend = resolve_backend(x.device, x.dtype)
     norm = dora_norm(weight, lora_A, lora_B, scaling)
     seed = draw_seed(x.device, generator) if p > 0.0 else None
-    needs_grad = torch.is_grad_enabled() and (
-        x.requires_grad or weight.requires_grad or lora_A.requires_grad or lora_B.requires_grad
-        or magnitude.requires_grad or (bias is not None and bias.requires_grad)
-    )  # fmt: skip
-    if needs_grad:
+    if _needs_grad(x, weight, bias, lora_A, lora_B) or (torch.is_grad_enabled() and magnitude.requires_grad):
         return DoRALinearFunction.apply(x, weight, bias, lora_A, lora_B, magnitude, (scaling, p, seed, backend.name, norm))
     return _dora_forward(backend, x, weight, bias, lora_A, lora_B, magnitude, norm, scaling, p, seed)[0]

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from fastlora._checks import check_adapter_name, check_bool, check_hparams, check_int, check_names
 from fastlora import nf4
 from fastlora import mixed_batch
-from fastlora.dora import dora_linear, dora_norm
+from fastlora.dora import dora_after, dora_linear, dora_norm
 from fastlora.functional import lora_linear, lora_linear_multi
 from fastlora.nf4 import NF4Weight
 from fastlora.quantized import NF4Linear, nf4_linear
@@ -516,9 +516,7 @@ class LoRALinear(AdapterTables, nn.Module):
             if not self.use_dora[name]:
                 y = y + lora
                 continue
-            c = (mags[name] / dora_norm(original.detach(), a, b, s)).to(x.dtype)  # the norm detached, m not
-            base = F.linear(x_hat, weight) if p > 0.0 else (y if bias is None else y - bias)
-            y = y + (c - 1) * base + c * lora
+            y = dora_after(y, x_hat, weight, bias, lora, mags[name], dora_norm(original.detach(), a, b, s), p > 0.0)
         return y
 
     def _forward_mixed(self, x: torch.Tensor, batch: mixed_batch.MixedBatch) -> torch.Tensor:

@@ -23,7 +23,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 
 from fastlora import mixed_batch
 from fastlora._checks import is_real
-from fastlora.dora import dora_linear, dora_norm
+from fastlora.dora import dora_after, dora_linear, dora_norm
 from fastlora.functional import lora_linear, lora_linear_multi
 from fastlora.layers import as_one_adapter, is_conv1d
 from fastlora.nf4 import NF4_BLOCKSIZES, NF4Weight
@@ -58,7 +58,8 @@ class _FusedForward:
             return super().forward(x, *args, **kwargs)
         base = modules["base_layer"]
         params = base._parameters
-        if modules["lora_magnitude_vector"]._modules and any(a in modules["lora_magnitude_vector"]._modules for a in active):
+        magnitudes = modules["lora_magnitude_vector"]._modules
+        if magnitudes and any(a in magnitudes for a in active):  # DoRA adapters among the active ones
             return self._forward_dora(x, active)
         first, *rest = active
         lora_b_mods, dropouts = modules["lora_B"]._modules, modules["lora_dropout"]._modules
@@ -114,9 +115,8 @@ class _FusedForward:
             dropped = not (isinstance(dropout, nn.Identity) or not self.training)
             x_hat = dropout(xa) if dropped else xa
             norm = dora_norm(weight.detach(), a_mod.weight, b_mod.weight, s)
-            c = (mags[name]._parameters["weight"] / norm).to(y.dtype)
-            base_term = nn.functional.linear(x_hat, weight) if dropped else (y if bias is None else y - bias)
-            y = y + (c - 1) * base_term + c * (b_mod(a_mod(x_hat)) * s).to(y.dtype)
+            lora = (b_mod(a_mod(x_hat)) * s).to(y.dtype)
+            y = dora_after(y, x_hat, weight, bias, lora, mags[name]._parameters["weight"], norm, dropped)
         return y
 
     def _forward_mixed(self, x: torch.Tensor, batch: mixed_batch.MixedBatch) -> torch.Tensor:
