@@ -441,7 +441,8 @@ class TorchBackend:
     @staticmethod
     def _per_sample(grouping, a_all, b_all, scalings, dropout_ps, ranks):
         """Each sample's adapter: A_s (B, r_max, K), B_sᵀ (B, r_max, N), its lanes within rank (B, 1, r_max) as
-        0/1, and (B, 1, 1) its s (0 for base-only samples) and 1/(1 − p). B_sᵀ is gathered from Bᵀ's layout,
+        0/1, (B, 1, 1) its s (0 for base-only samples) and 1/(1 − p), and its slot (B,) in the stack (adapter 0
+        for base-only samples). B_sᵀ is gathered from Bᵀ's layout,
         which ``stack_adapters`` stores contiguously. The small tables are built once per batch (for each
         set of ranks, scalings and probabilities) and shared by the layers."""
         dtype = a_all.dtype
@@ -456,13 +457,14 @@ class TorchBackend:
 
         slot, lanes, coef, inv_keep = grouping.cached(("torch per sample", scalings, dropout_ps, ranks, a_all.shape[1],
                                                        dtype), tables)  # fmt: skip
-        return (a_all.index_select(0, slot), b_all.transpose(1, 2).index_select(0, slot), lanes, coef, inv_keep)
+        return (a_all.index_select(0, slot), b_all.transpose(1, 2).index_select(0, slot), lanes, coef, inv_keep,
+                slot)  # fmt: skip
 
     def _forward_per_sample(self, x, x2, weight, bias, a_all, b_all, scalings, dropout_ps, ranks, grouping, seed):
         """forward_multi for one adapter per sample of (B, T, K) x: the LoRA terms as batched GEMMs over the
         samples (S = x̂_b·A_bᵀ, then b + s_b·S·B_bᵀ seeding y), then the base GEMM over all rows."""
         samples, in_features, out_features, r_max = grouping.sample_index.shape[0], x2.shape[1], b_all.shape[1], a_all.shape[1]
-        a_s, b_t, lanes, coef, inv_keep = self._per_sample(grouping, a_all, b_all, scalings, dropout_ps, ranks)
+        a_s, b_t, lanes, coef, inv_keep, _ = self._per_sample(grouping, a_all, b_all, scalings, dropout_ps, ranks)
         keep = self._row_keep(seed, grouping, dropout_ps, in_features, x.device, x.dtype)
         x_hat = x2 if keep is None else keep.mul_(x2)
         s3 = torch.bmm(x_hat.reshape(samples, -1, in_features), a_s.transpose(1, 2)).mul_(lanes).mul_(inv_keep)
@@ -479,8 +481,7 @@ class TorchBackend:
         the samples, each sample's dA and dB added to its adapter's."""
         need_x, need_a, need_b = needs[:3]
         samples, in_features, out_features = grouping.sample_index.shape[0], x2.shape[1], g.shape[1]
-        a_s, b_t, lanes, coef, inv_keep = self._per_sample(grouping, a_all, b_all, scalings, dropout_ps, ranks)
-        slot = grouping.sample_index.clamp_min(0)
+        a_s, b_t, lanes, coef, inv_keep, slot = self._per_sample(grouping, a_all, b_all, scalings, dropout_ps, ranks)
         g3 = g.reshape(samples, -1, out_features)
         d_s3 = torch.bmm(g3, b_t.transpose(1, 2)).mul_(lanes).mul_(coef * inv_keep)  # dS = s·G·B, 1/(1 − p) folded in
         keep = self._row_keep(seed, grouping, dropout_ps, in_features, x2.device, x2.dtype)
