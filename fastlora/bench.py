@@ -376,8 +376,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-progress", action="store_true")
     parser.add_argument("--host", action="store_true", help="measure host time per call at a tiny size instead "
                         "(fastlora, PEFT and the bare layer; see fastlora/bench_host.py)")  # fmt: skip
-    parser.add_argument("--host-calls", type=int, default=3000, help="--host: calls per timing")
-    parser.add_argument("--host-repeats", type=int, default=5, help="--host: timings per variant (the best counts)")
+    # Many short timings, the best kept: on a shared machine a short window is more often undisturbed.
+    parser.add_argument("--host-calls", type=int, default=1000, help="--host: calls per timing")
+    parser.add_argument("--host-repeats", type=int, default=31, help="--host: timings per variant (the best counts)")
     parser.add_argument("--qlora", action="store_true", help="time one QLoRA layer instead (M=512, K=N=2048, r=16, "
                         "bf16): fastlora's, PEFT's over bitsandbytes' Linear4bit, and it accelerated; see "
                         "fastlora/bench_qlora.py")  # fmt: skip

@@ -65,7 +65,7 @@ def _us_per_call(step: Callable[..., object], calls: int, *args) -> float:
     return (time.perf_counter() - start) / calls * 1e6
 
 
-def host_overhead(calls: int = 3000, repeats: int = 5, dropouts=(0.0, 0.1), threads: int = 1) -> list[dict]:
+def host_overhead(calls: int = 1000, repeats: int = 31, dropouts=(0.0, 0.1), threads: int = 1) -> list[dict]:
     """Rows of {variant, dropout, mode, us_per_call} plus ``vs_peft`` (the ratio to PEFT in the same run)."""
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
@@ -130,7 +130,7 @@ def stubbed_triton_launches():
             forget_resolved()
 
 
-def triton_launch_overhead(calls: int = 2000, repeats: int = 5, dropout: float = 0.1) -> dict[str, float]:
+def triton_launch_overhead(calls: int = 1000, repeats: int = 31, dropout: float = 0.1) -> dict[str, float]:
     """Host µs per call of the Triton backend's forward and backward (kernel launches stubbed out), on the
     tiny layer of ``host_overhead``, dropout on."""
     from fastlora.backends import get_backend

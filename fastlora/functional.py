@@ -156,10 +156,16 @@ def lora_linear(
     return _autocast_aware(_apply, x, weight, bias, lora_A, lora_B, float(scaling), p, generator)
 
 
+# True when autocast is on for any device type (PyTorch >= 2.4's private query; else always asks per device).
+_any_autocast = getattr(torch._C, "_is_any_autocast_enabled", lambda: True)
+
+
 def _autocast_aware(run, x, weight, bias, *rest):
     """``run(x, weight, bias, *rest)``; under autocast, with x, W and b cast to the autocast dtype first, the
     way F.linear runs its GEMM there. Adapters keep their dtype (the backends cast those small tensors
     themselves); inside, autocast is off so no op recasts what was chosen."""
+    if not _any_autocast():  # the common case, answered without x.device.type (half a microsecond)
+        return run(x, weight, bias, *rest)
     device_type = x.device.type
     if not _autocast_enabled(device_type):
         return run(x, weight, bias, *rest)

@@ -473,7 +473,7 @@ class LoRALinear(AdapterTables, nn.Module):
         modules = self._modules
         lora_a, lora_b = modules["lora_A"]._parameters, modules["lora_B"]._parameters
         dropout = self.lora_dropout
-        if self.lora_magnitude_vector and any(self.use_dora[n] for n in pending):
+        if len(modules["lora_magnitude_vector"]) and any(self.use_dora[n] for n in pending):  # any DoRA adapter
             return self._with_dora(x, weight, bias, pending)
         if len(pending) > 1 and not (self.training and any(dropout[n] > 0.0 for n in pending)):
             a, b = as_one_adapter([lora_a[n] for n in pending], [lora_b[n] for n in pending],

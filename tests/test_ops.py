@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import collections
+
 import pytest
 import torch
 import torch._dynamo
@@ -68,6 +70,45 @@ def test_small_torch_calls_compose_large_ones_run_the_op(dropout_p):
             t = make_case((rows,), k, n, 2).tensors(torch.float32, torch.float32)
             y = fastlora.lora_linear(t["x"], t["weight"], t["bias"], t["lora_A"], t["lora_B"], 1.0, dropout_p)
             assert type(y.grad_fn).__name__ == want, (rows, k, n)
+
+
+def _graph_nodes(y: torch.Tensor) -> collections.Counter:
+    """How many autograd nodes of each kind y's graph has (AccumulateGrad left out)."""
+    seen, stack, names = set(), [y.grad_fn], collections.Counter()
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        if type(node).__name__ != "AccumulateGrad":
+            names[type(node).__name__] += 1
+        stack.extend(n for n, _ in node.next_functions)
+    return names
+
+
+@pytest.mark.parametrize("dtype,dropout_p", [(torch.float32, 0.0), (torch.float32, 0.1), (torch.bfloat16, 0.0)])
+def test_smallest_torch_calls_go_through_delta_w(dtype, dropout_p):
+    """Up to _DELTA_MAX multiply-adds, N·K·(M + 3r) merged (fp32 without dropout) or N·K·3·(M + r), a
+    composed call builds ΔW = s·B·A: x·(W + ΔW)ᵀ + b is two GEMM nodes and a transpose; (x·Wᵀ + b) + x̂·ΔWᵀ
+    adds one GEMM, not two, for the LoRA term. Past the threshold it goes through S (two GEMMs)."""
+    from fastlora.backends import torch_backend
+
+    merged = dtype == torch.float32 and dropout_p == 0.0
+    k, n, r = 16, 8, 2
+    per_row = n * k if merged else 3 * n * k
+    fixed = 3 * n * k * r
+    largest = (torch_backend._DELTA_MAX - fixed) // per_row
+    with fastlora.use_backend("torch"):
+        for rows, delta in ((largest, True), (largest + 1, False)):
+            t = make_case((rows,), k, n, r).tensors(dtype, torch.float32)
+            y = fastlora.lora_linear(t["x"], t["weight"], t["bias"], t["lora_A"], t["lora_B"], 1.5, dropout_p)
+            nodes = _graph_nodes(y)
+            if merged and delta:
+                assert nodes == {"AddmmBackward0": 2, "TBackward0": 1}, rows
+            elif delta:  # mm(B, A), its transpose; the base GEMM and the one adding x̂·ΔWᵀ
+                assert nodes["MmBackward0"] == 1 and nodes["TBackward0"] == 1 and nodes["AddmmBackward0"] == 2, rows
+            else:  # through S: x̂·Aᵀ (mm, A's transpose), then S·Bᵀ (B's transpose) added onto the base GEMM
+                assert nodes["MmBackward0"] == 1 and nodes["TBackward0"] == 2 and nodes["AddmmBackward0"] == 2, rows
 
 
 def test_calls_without_gradients_save_nothing(backend):

@@ -63,6 +63,19 @@ _AUTO_FALLBACK: tuple[str, ...] = ("torch",)
 
 _selected: str | None = None
 
+# The variable is read at every call; os.environ.get encodes the key and decodes the value each time (about
+# a microsecond, on every layer call). On POSIX os.environ keeps its bytes in ``_data``, which putenv through
+# os.environ updates too: read there, by a key encoded once.
+_ENVIRON_BYTES = getattr(os.environ, "_data", None) if os.name == "posix" else None
+_ENV_KEY = os.fsencode(ENV_VAR)
+
+
+def _env_choice() -> str | None:
+    if _ENVIRON_BYTES is not None and type(_ENVIRON_BYTES) is dict:
+        raw = _ENVIRON_BYTES.get(_ENV_KEY)
+        return None if raw is None else os.fsdecode(raw)
+    return os.environ.get(ENV_VAR)
+
 
 def _check_name(name: str, source: str) -> str:
     if not isinstance(name, str) or (name != AUTO and name not in _MODULES):
@@ -93,7 +106,7 @@ def selected_backend_name() -> str:
     """The name asked for now: ``set_backend``'s, else ``$FASTLORA_BACKEND``, else "auto"."""
     if _selected is not None:
         return _selected
-    env = os.environ.get(ENV_VAR)
+    env = _env_choice()
     if env:
         return _check_name(env.strip().lower(), f"${ENV_VAR}")
     return AUTO

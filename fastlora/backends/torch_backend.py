@@ -41,6 +41,16 @@ _SMALL_MASK = 4096
 # neither.
 _COMPOSE_MAX = 1 << 16
 _COMPOSE_MAX_DROPOUT = 4096
+# The smallest composed calls take the low-rank product ΔW = s·B·A (N × K) as one tensor: fewer autograd
+# nodes, whose host time is most of such a call's (``fastlora bench --host``). Without dropout, in fp32/fp64,
+# it merges: y = x·(W + ΔW)ᵀ + b, three nodes instead of five; otherwise y = (x·Wᵀ + b) + x̂·ΔWᵀ, one fewer
+# than through S. Not merged in 16-bit: rounding W + ΔW to bf16 would lose a young adapter's update
+# altogether (ΔW alone keeps its own precision). Both cost more arithmetic than going through S:
+# N·K·(M + 3r) multiply-adds for the LoRA term merged (ΔW, dW' = Gᵀ·x, dA and dB from it), N·K·(3M + 3r)
+# unmerged (x̂·ΔWᵀ and dx̂ = G·ΔW too), and save ΔW or W' (N × K) instead of S (M × r): taken while that is
+# at most _DELTA_MAX multiply-adds, a few microseconds on one core.
+_DELTA_MAX = 1 << 16
+_MERGE_DTYPES = (torch.float32, torch.float64)
 
 
 # Inference over many small groups of rows (decode: a few rows per adapter) runs "stacked" instead: every
@@ -184,7 +194,8 @@ class TorchBackend:
         read, reseed, draw, multiply; ``torch.manual_seed`` still reproduces it, but it is not the mask the
         op or a compiled graph would draw).
 
-        Three ops at p = 0: S = x·Aᵀ, base = x·Wᵀ + b, y = base + s·S·Bᵀ (one addmm).
+        Three ops at p = 0: S = x·Aᵀ, base = x·Wᵀ + b, y = base + s·S·Bᵀ (one addmm); the smallest calls
+        go through ΔW = s·B·A instead (see ``_DELTA_MAX``).
         """
         if not isinstance(weight, torch.Tensor):  # a quantised base: the op dequantises it in chunks
             return None
@@ -198,16 +209,23 @@ class TorchBackend:
         a = lora_A if lora_A.dtype == dtype else lora_A.to(dtype)
         b = lora_B if lora_B.dtype == dtype else lora_B.to(dtype)
         x2 = x if x.dim() == 2 else x.reshape(-1, in_features)
-        if dropout_p == 0.0:
-            x_hat = x2
-        elif generator is None:
-            x_hat = torch.dropout(x2, dropout_p, True)  # F.dropout without its Python wrapper
+        rows, rank, size = x2.shape[0], lora_A.shape[0], out_features * in_features
+        if dropout_p == 0.0 and dtype in _MERGE_DTYPES and size * (rows + 3 * rank) <= _DELTA_MAX:
+            y = F.linear(x2, torch.addmm(weight, b, a, alpha=scaling), bias)  # x·(W + s·B·A)ᵀ + b
         else:
-            # 0/1 mask; 1/(1 - p) rides on the last GEMM's alpha, where it costs no pass of its own.
-            seed = draw_seed(x.device, generator)
-            x_hat = x2 * self._keep(seed, x2.shape, dropout_p, x.device, dtype)
-            scaling = scaling / (1.0 - dropout_p)
-        y = torch.addmm(F.linear(x2, weight, bias), F.linear(x_hat, a), b.t(), alpha=scaling)
+            if dropout_p == 0.0:
+                x_hat = x2
+            elif generator is None:
+                x_hat = torch.dropout(x2, dropout_p, True)  # F.dropout without its Python wrapper
+            else:
+                # 0/1 mask; 1/(1 - p) rides on the last GEMM's alpha, where it costs no pass of its own.
+                seed = draw_seed(x.device, generator)
+                x_hat = x2 * self._keep(seed, x2.shape, dropout_p, x.device, dtype)
+                scaling = scaling / (1.0 - dropout_p)
+            if size * 3 * (rows + rank) <= _DELTA_MAX:
+                y = torch.addmm(F.linear(x2, weight, bias), x_hat, torch.mm(b, a).t(), alpha=scaling)
+            else:
+                y = torch.addmm(F.linear(x2, weight, bias), F.linear(x_hat, a), b.t(), alpha=scaling)
         # Not a view (see ops._forward why): _unsafe_view is how matmul folds batch dimensions too.
         return y if x.dim() == 2 else torch.ops.aten._unsafe_view(y, (*x.shape[:-1], out_features))
 
