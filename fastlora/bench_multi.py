@@ -10,7 +10,9 @@ Variants: the base layer alone ("base only", ``F.linear``); PEFT's ``adapter_nam
 batch's adapters; PEFT refuses it in training mode); the same PEFT model after ``fastlora.accelerate``
 called with PEFT's ``adapter_names=`` keyword (which PEFT passes down through forward hooks it registers on
 every module per call) and inside ``fastlora.adapter_names`` (the only way in training); and, for training, the
-accelerated model with one adapter for the whole batch ("single adapter, fused"). Each variant runs ``rounds``
+accelerated model with one adapter for the whole batch ("single adapter, fused"); for serving, the op alone on
+the layer's adapters with the batch's grouping computed once beforehand (what each layer of a model pays, the
+grouping and the name checks being per batch, not per layer). Each variant runs ``rounds``
 times interleaved with the others; the median counts.
 """
 
@@ -52,6 +54,18 @@ def _peft_layer(k: int, n: int, r: int, adapters: int) -> nn.Module:
     return model
 
 
+def _op_args(layer: nn.Module, names: list[str], x: torch.Tensor) -> tuple:
+    """``lora_linear_multi``'s arguments for the accelerated ``layer``'s adapters, grouped for ``names`` once:
+    the op as every layer of a model after the first runs it (the grouping is computed once per batch)."""
+    local = sorted(set(names))
+    index = torch.tensor([local.index(n) for n in names])
+    pairs = [(layer.lora_A[n].weight, layer.lora_B[n].weight) for n in local]
+    a, b, ranks = fastlora.mixed_batch.stack_adapters(layer, pairs)
+    grouping = fastlora.group_rows(index, len(local), tuple(x.shape[:-1]))
+    base = layer.base_layer
+    return x, base.weight, base.bias, a, b, [layer.scaling[n] for n in local], grouping, 0.0, False
+
+
 def _ms(step: Callable[[], object]) -> float:
     start = time.perf_counter()
     step()
@@ -78,11 +92,15 @@ def _variants(samples: int, tokens: int, adapters: int, training: bool, k: int, 
             with fastlora.adapter_names(ours, names):
                 return ours(x)
 
+        layer = ours.base_model.model[0]
+        with torch.no_grad():
+            op_args = _op_args(layer, names, x)
         return {
             "base only": lambda: F.linear(x, base.weight, base.bias),
             "PEFT adapter_names": lambda: peft(x, adapter_names=names),
             "PEFT accelerated, adapter_names=": lambda: ours(x, adapter_names=names),
             "PEFT accelerated, fastlora.adapter_names": scoped,
+            "fastlora.lora_linear_multi, batch grouped once": lambda: fastlora.lora_linear_multi(*op_args),
         }, names
     ours.train()
     for name, p in ours.named_parameters():

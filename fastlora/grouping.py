@@ -115,44 +115,51 @@ def group_rows(adapter_index: torch.Tensor, num_adapters: int, rows_shape: tuple
         raise TypeError(f"adapter_index: expected an integer dtype, got {adapter_index.dtype}")
     index = _expand(adapter_index, rows_shape).reshape(-1).to(torch.int64)
     sample_index = None
-    if len(rows_shape) >= 2 and tuple(adapter_index.shape) == rows_shape[:1] and rows_shape[0] > 0:
-        if index.numel() // rows_shape[0] >= _PER_SAMPLE_MIN_ROWS:
-            sample_index = adapter_index.to(torch.int64)
     m = index.numel()
+    per_sample = len(rows_shape) >= 2 and tuple(adapter_index.shape) == rows_shape[:1] and m > 0
+    # Grouped by units of rows that share an index: whole samples when it is given per sample (B values to
+    # read and sort, not B·T), else single rows.
+    unit_index = adapter_index.reshape(-1).to(torch.int64) if per_sample else index
+    per = m // rows_shape[0] if per_sample else 1
+    if per_sample and per >= _PER_SAMPLE_MIN_ROWS:
+        sample_index = unit_index
+    units = unit_index.numel()
     # Small batches (decode) are read to the host once and grouped in Python: a dozen small tensor ops cost
     # more host time than the loops below at this size.
-    values = index.tolist() if m <= _HOST_ROWS else None
+    values = unit_index.tolist() if units <= _HOST_ROWS else None
     if m:
-        low, high = (min(values), max(values)) if values is not None else torch.stack(torch.aminmax(index)).tolist()
+        low, high = (min(values), max(values)) if values is not None else torch.stack(torch.aminmax(unit_index)).tolist()
         if low < -1 or high >= num_adapters:
             bad = index[(index < -1) | (index >= num_adapters)].unique()[:8].tolist()
             raise ValueError(f"adapter_index: expected values in [-1, {num_adapters}) (-1 = base only, "
                              f"{num_adapters} adapters), got {bad}")  # fmt: skip
     if m == 0:
         return RowGrouping(rows_shape, index, None, (), num_adapters)
-    # Runs of equal indices in row order: their starts and adapters (one host read for the whole batch).
+    # Runs of equal indices in unit order: their starts and adapters (one host read for the whole batch).
     if values is not None:
-        run_starts = [0, *(i for i in range(1, m) if values[i] != values[i - 1])]
+        run_starts = [0, *(i for i in range(1, units) if values[i] != values[i - 1])]
         run_adapters = [values[i] for i in run_starts]
     else:
-        starts = torch.cat((index.new_zeros(1), (index[1:] != index[:-1]).nonzero().flatten() + 1))
-        run_starts, run_adapters = torch.stack((starts, index[starts])).tolist()
+        starts = torch.cat((unit_index.new_zeros(1), (unit_index[1:] != unit_index[:-1]).nonzero().flatten() + 1))
+        run_starts, run_adapters = torch.stack((starts, unit_index[starts])).tolist()
     distinct = len(set(run_adapters))
     if len(run_starts) <= _RUNS_PER_ADAPTER * distinct + _RUNS_ANYWAY:
-        bounds = [*run_starts, m]
+        bounds = [*(start * per for start in run_starts), m]
         segments = tuple((bounds[i], bounds[i + 1], run_adapters[i]) for i in range(len(run_starts)))
         return RowGrouping(rows_shape, index, None, segments, num_adapters, sample_index)
     if values is not None:
         counts = [0] * (num_adapters + 1)
         for v in values:
             counts[v + 1] += 1
-        order = torch.tensor(sorted(range(m), key=values.__getitem__), dtype=torch.int64, device=index.device)
+        order = torch.tensor(sorted(range(units), key=values.__getitem__), dtype=torch.int64, device=index.device)
     else:
-        counts = torch.bincount(index + 1, minlength=num_adapters + 1).tolist()
-        order = torch.sort(index, stable=True).indices
+        counts = torch.bincount(unit_index + 1, minlength=num_adapters + 1).tolist()
+        order = torch.sort(unit_index, stable=True).indices
+    if per > 1:  # sample order -> row order: each sample's rows in a row
+        order = (order[:, None] * per + torch.arange(per, device=index.device)).reshape(-1)
     segments, start = [], 0
     for adapter, count in enumerate(counts, start=-1):
         if count:
-            segments.append((start, start + count, adapter))
-            start += count
+            segments.append((start, start + count * per, adapter))
+            start += count * per
     return RowGrouping(rows_shape, index, order, tuple(segments), num_adapters, sample_index)

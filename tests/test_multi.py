@@ -249,6 +249,33 @@ def test_one_adapter_per_sample_runs_batched(ps, layout_kind):
                 grouping=grouping)  # fmt: skip
 
 
+@pytest.mark.parametrize("layout_kind", ["contiguous", "strided"])
+def test_per_sample_with_one_scaling_and_full_ranks(layout_kind):
+    """Every sample with an adapter, all of full rank, one scaling, no dropout (serving): the torch backend
+    skips its per-sample tables (s on the GEMM's alpha); forward and gradients against float64."""
+    index = torch.tensor([2, 0, 1, 1, 0, 2])
+    case = _case((6, 16), 24, 18, 3, 5, index)
+    case["scalings"] = [0.75] * 3
+    grouping = fastlora.group_rows(index, 3, (6, 16))
+    assert grouping.sample_index is not None
+    check_multi(case, torch.float32, layout_kind=layout_kind, grouping=grouping)
+
+
+@pytest.mark.parametrize("rows", [(12, 3), (12, 17)])
+@pytest.mark.parametrize("host_rows", [10**6, 0])
+def test_a_per_sample_index_groups_as_its_rows_would(monkeypatch, rows, host_rows):
+    """An index per sample is grouped by samples (B values read, not B·T): the same segments and gather order
+    as the same index given for every row; here in many runs, so the rows are gathered."""
+    from fastlora import grouping as grouping_module
+
+    monkeypatch.setattr(grouping_module, "_HOST_ROWS", host_rows)
+    index = torch.tensor([0, 2, -1, 1, 0, 2, 2, 1, -1, 0, 1, 2])
+    per_sample = fastlora.group_rows(index, 3, rows)
+    per_row = fastlora.group_rows(index[:, None].expand(rows).reshape(-1), 3, (rows[0] * rows[1],))
+    assert per_sample.order is not None and per_sample.segments == per_row.segments
+    assert torch.equal(per_sample.order, per_row.order) and torch.equal(per_sample.index, per_row.index)
+
+
 @pytest.mark.parametrize("bias", [True, False])
 def test_inference_on_many_small_groups_runs_stacked(monkeypatch, bias):
     """Inference with many groups of few rows: the torch backend multiplies every row by all adapters' lanes

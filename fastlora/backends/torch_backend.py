@@ -482,8 +482,21 @@ class TorchBackend:
         """forward_multi for one adapter per sample of (B, T, K) x: the LoRA terms as batched GEMMs over the
         samples (S = x̂_b·A_bᵀ, then b + s_b·S·B_bᵀ seeding y), then the base GEMM over all rows."""
         samples, in_features, out_features, r_max = grouping.sample_index.shape[0], x2.shape[1], b_all.shape[1], a_all.shape[1]
-        a_s, b_t, lanes, coef, inv_keep, _ = self._per_sample(grouping, a_all, b_all, scalings, dropout_ps, ranks)
         keep = self._row_keep(seed, grouping, dropout_ps, in_features, x.device, x.dtype)
+        used = grouping.used
+        if keep is None and len({scalings[a] for a in used}) == 1 and all(ranks[a] == r_max for a in used) and all(
+            a >= 0 for *_, a in grouping.segments
+        ):
+            # Every sample has an adapter, all of full rank and one scaling, no dropout (serving, usually): the
+            # gathered adapters as they are, s on the last GEMM's alpha; no per-sample tables to build.
+            sample = grouping.sample_index
+            a_s, b_t = a_all.index_select(0, sample), b_all.transpose(1, 2).index_select(0, sample)
+            s3 = torch.bmm(x2.view(samples, -1, in_features), a_s.transpose(1, 2))
+            y = torch.empty((*x.shape[:-1], out_features), dtype=x.dtype, device=x.device)
+            _base_into(y.view(-1, out_features), x2, weight, bias)
+            y.view(samples, -1, out_features).baddbmm_(s3, b_t, alpha=scalings[used[0]])
+            return y, s3.view(-1, r_max)
+        a_s, b_t, lanes, coef, inv_keep, _ = self._per_sample(grouping, a_all, b_all, scalings, dropout_ps, ranks)
         x_hat = x2 if keep is None else keep.mul_(x2)
         s3 = torch.bmm(x_hat.reshape(samples, -1, in_features), a_s.transpose(1, 2)).mul_(lanes).mul_(inv_keep)
         y = torch.empty((*x.shape[:-1], out_features), dtype=x.dtype, device=x.device)
