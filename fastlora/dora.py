@@ -157,6 +157,10 @@ def _dora_forward(backend, x, weight, bias, lora_A, lora_B, magnitude, norm, sca
         y0, shrink = backend.forward(x2, weight, None, lora_A, lora_B, scaling, 0.0, None)  # y0 = x·Wᵀ + s·S·Bᵀ
         y = torch.mul(y0, c) if bias is None else torch.addcmul(bias, y0, c)  # one pass, a fresh tensor
         return y.view(*lead, out_features), c, y0, shrink
+    direct = getattr(backend, "dora_dropout_forward", None)
+    if direct is not None:  # stock ops (the torch backend): two GEMMs, no stacked rows
+        y, d, shrink, mask = direct(x2, weight, bias, lora_A, lora_B, c, scaling, dropout_p, seed)
+        return y.view(*lead, out_features), c, d, (mask, shrink, None)
     m = x2.shape[0]
     mask = backend.keep_mask(seed, tuple(x2.shape), dropout_p, x.device)  # bool (M, K)
     stacked = _stacked(x2, mask, dropout_p)
@@ -193,7 +197,7 @@ class DoRALinearFunction(torch.autograd.Function):
         ctx.params = (scaling, dropout_p, backend, x.shape, magnitude.dtype)
         x_, w_, b_, a_, bb_, m_ = ctx.needs_input_grad[:6]
         ctx.needs = (x_, a_, bb_, w_, b_, m_)
-        return y
+        return _as_output(y)  # an output that is a view could not be modified in place (see ops._forward)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -206,13 +210,31 @@ class DoRALinearFunction(torch.autograd.Function):
         g = grad_y.reshape(-1, out_features)
         grad_m = None
         if need_m:  # dm_n = Σ_rows g ⊙ D / ‖·‖_n, summed in the norm's precision
-            grad_m = (torch.mul(g, d).sum(0, dtype=norm.dtype) / norm).to(m_dtype)
+            if g.dtype == norm.dtype:  # one fused multiply-and-sum per column, no (M, N) product in between
+                grad_m = (torch.linalg.vecdot(g.t(), d.t()) / norm).to(m_dtype)
+            else:
+                grad_m = (torch.mul(g, d).sum(0, dtype=norm.dtype) / norm).to(m_dtype)
         grad_bias = g.sum(0) if need_bias else None
         x2 = x.reshape(-1, x.shape[-1])
         if dropout_p == 0.0:
-            gc = torch.mul(g, c)  # the gradient reaching D
-            dx, da, db_, dw, _ = backend.backward(gc, x2, weight, lora_A, lora_B, shrink, scaling, 0.0, None,
-                                                  (need_x, need_a, need_b, need_w, False))  # fmt: skip
+            needs = (need_x, need_a, need_b, need_w, False)
+            if g.shape[0] <= weight.shape[1] or need_w:
+                gc = torch.mul(g, c)  # the gradient reaching D
+                dx, da, db_, dw, _ = backend.backward(gc, x2, weight, lora_A, lora_B, shrink, scaling, 0.0, None,
+                                                      needs)  # fmt: skip
+            else:
+                # More rows than in_features: scale W's and B's rows by c (N × K and N × r) instead of g
+                # (M × N): (g ⊙ c)·W = g·(c ⊙ W), s·(g ⊙ c)·B = s·g·(c ⊙ B), and dB = c ⊙ (s·gᵀ·S).
+                cw = torch.mul(weight, c[:, None])
+                cb = torch.mul(lora_B, c[:, None].to(lora_B.dtype))
+                dx, da, db_, dw, _ = backend.backward(g, x2, cw, lora_A, cb, shrink, scaling, 0.0, None, needs)
+                if db_ is not None:
+                    db_.mul_(c[:, None].to(db_.dtype))
+            return (None if dx is None else dx.view(x_shape)), dw, grad_bias, da, db_, grad_m, None
+        direct = getattr(backend, "dora_dropout_backward", None)
+        if direct is not None:
+            dx, da, db_, dw = direct(g, x2, weight, lora_A, lora_B, shrink, c, scaling, dropout_p, mask,
+                                     (need_x, need_a, need_b, need_w))  # fmt: skip
             return (None if dx is None else dx.view(x_shape)), dw, grad_bias, da, db_, grad_m, None
         m = g.shape[0]
         stacked = _stacked(x2, mask, dropout_p)

@@ -97,6 +97,21 @@ def test_op_matches_float64(backend, lead, k, n, r, p, kind):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("lead", [(6,), (2, 3)])
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_output_can_be_modified_in_place(backend, lead, p):
+    """As F.linear's: the output is not a view, so an in-place op on it keeps the gradients right."""
+    t, wanted = _inputs(lead, 8, 5, 2)
+    for name in wanted:
+        t[name].requires_grad_()
+    with fastlora.use_backend(backend):
+        y = fastlora.dora_linear(*t.values(), 0.5, p)
+        assert not y._is_view()
+        y.mul_(2.0).sum().backward()
+    assert t["x"].grad is not None and t["lora_A"].grad is not None
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_no_bias_eval_and_no_grad(backend):
     t, _ = _inputs((4,), 10, 6, 2, bias=False)
     s = 1.5

@@ -324,6 +324,78 @@ class TorchBackend:
         grad_bias = g.sum(0) if need_bias else None
         return grad_x, grad_a, grad_b, grad_w, grad_bias
 
+    # --- DoRA with dropout (fastlora.dora) ----------------------------------------------------------------
+
+    def dora_dropout_forward(self, x2, weight, bias, lora_A, lora_B, c, scaling, dropout_p, seed):
+        """DoRA's training forward with dropout, as stock ops: y = x·Wᵀ + b + (c − 1)·D + s·S·Bᵀ, which is
+        PEFT's x·Wᵀ + b + (c − 1)·(x̂·Wᵀ) + c·s·S·Bᵀ with D = x̂·Wᵀ + s·S·Bᵀ, S = x̂·Aᵀ.
+
+        Two GEMMs over W (x's and x̂'s), each accumulated onto its rank-r seed: no stacked copy of the rows
+        (on the CPU the stacking's passes cost more than reading W twice saves; ``fastlora.dora`` stacks for
+        the fused kernels instead).
+
+        Shapes: x2 (M, K), weight (N, K), bias (N,) or None, lora_A (r, K), lora_B (N, r), c (N,) in x's dtype.
+        Returns y (M, N), D (M, N), S (M, r) and the boolean keep-mask (M, K) (the same mask ``keep_mask``
+        draws from ``seed``).
+        """
+        dtype = x2.dtype
+        m, out_features = x2.shape[0], weight.shape[0]
+        a = lora_A if lora_A.dtype == dtype else lora_A.to(dtype)
+        b = lora_B if lora_B.dtype == dtype else lora_B.to(dtype)
+        keep = self._keep(seed, tuple(x2.shape), dropout_p, x2.device, dtype)  # 0/1 in x's dtype
+        mask = keep.to(torch.bool)  # what backward keeps: a byte an element
+        x_hat = keep.mul_(x2).mul_(1.0 / (1.0 - dropout_p))  # the mask's float copy ends as x̂
+        shrink = torch.mm(x_hat, a.t())
+        d = torch.empty((m, out_features), dtype=dtype, device=x2.device)
+        d.addmm_(shrink, b.t(), beta=0, alpha=scaling)
+        _add_base(d, x_hat, weight)  # D = x̂·Wᵀ + s·S·Bᵀ
+        y = torch.empty((m, out_features), dtype=dtype, device=x2.device)
+        if bias is None:
+            y.addmm_(shrink, b.t(), beta=0, alpha=scaling)
+        else:
+            torch.addmm(bias, shrink, b.t(), alpha=scaling, out=y)
+        _add_base(y, x2, weight)
+        y.addcmul_(d, c - 1)
+        return y, d, shrink, mask
+
+    def dora_dropout_backward(self, g, x2, weight, lora_A, lora_B, shrink, c, scaling, dropout_p, mask, needs):
+        """Gradients (dx, dA, dB, dW) of ``dora_dropout_forward`` (c, the norm's scale, a constant); None where
+        ``needs`` = (x, A, B, W) says not wanted.
+
+            dS = s·(g ⊙ c)·B = s·g·(c ⊙ B)       dB = c ⊙ (s·gᵀ·S)        dA = dSᵀ·x̂
+            dx = g·W + m/(1 − p) ⊙ (g·((c − 1) ⊙ W) + dS·A)
+            dW = gᵀ·x + (c − 1) ⊙ (gᵀ·x̂)
+
+        c is folded into W's and B's rows (N × K and N × r) rather than into g (M × N).
+        """
+        need_x, need_a, need_b, need_w = needs
+        dtype = x2.dtype
+        a = lora_A if lora_A.dtype == dtype else lora_A.to(dtype)
+        b = lora_B if lora_B.dtype == dtype else lora_B.to(dtype)
+        inv_keep = 1.0 / (1.0 - dropout_p)
+        col = c[:, None]
+        d_shrink = torch.mm(g, b * col).mul_(scaling)
+        grad_b = None
+        if need_b:
+            grad_b = torch.mm(g.t(), shrink).mul_(col * scaling)
+            grad_b = grad_b if grad_b.dtype == lora_B.dtype else grad_b.to(lora_B.dtype)
+        keep = mask.to(dtype)  # one conversion, two uses
+        grad_x = None
+        if need_x:
+            grad_x = torch.mm(d_shrink, a)
+            _add_base(grad_x, g, weight * (col - 1), grad=True)
+            grad_x.mul_(keep).mul_(inv_keep)
+            _add_base(grad_x, g, weight, grad=True)
+        grad_a = grad_w = None
+        if need_a or need_w:
+            x_hat = keep.mul_(x2).mul_(inv_keep)  # the mask's last use
+            if need_a:
+                grad_a = torch.mm(d_shrink.t(), x_hat)
+                grad_a = grad_a if grad_a.dtype == lora_A.dtype else grad_a.to(lora_A.dtype)
+            if need_w:
+                grad_w = torch.mm(g.t(), x_hat).mul_(col - 1).addmm_(g.t(), x2)
+        return grad_x, grad_a, grad_b, grad_w
+
     # --- mixed-adapter batches (fastlora.lora_linear_multi) ----------------------------------------------
 
     def _row_keep(self, seed, grouping, dropout_ps, in_features, device, dtype):
