@@ -154,6 +154,10 @@ def _dora_forward(backend, x, weight, bias, lora_A, lora_B, magnitude, norm, sca
     x2 = x.reshape(-1, in_features)
     c = (magnitude.detach().to(norm.dtype) / norm).to(x.dtype)
     if dropout_p == 0.0:
+        fused = getattr(backend, "dora_forward", None)
+        if fused is not None:  # Triton: D and y = c ⊙ D + b from the one GEMM's epilogue
+            y, y0, shrink = fused(x2, weight, bias, lora_A, lora_B, c, scaling)
+            return y.view(*lead, out_features), c, y0, shrink
         y0, shrink = backend.forward(x2, weight, None, lora_A, lora_B, scaling, 0.0, None)  # y0 = x·Wᵀ + s·S·Bᵀ
         y = torch.mul(y0, c) if bias is None else torch.addcmul(bias, y0, c)  # one pass, a fresh tensor
         return y.view(*lead, out_features), c, y0, shrink
@@ -208,6 +212,14 @@ class DoRALinearFunction(torch.autograd.Function):
         backend = get_backend(backend_name)
         out_features = weight.shape[0]
         g = grad_y.reshape(-1, out_features)
+        fused = getattr(backend, "dora_backward", None) if dropout_p == 0.0 else None
+        if fused is not None:  # Triton: c inside the kernels, Σ g ⊙ D from the pass over G
+            x2 = x.reshape(-1, x.shape[-1])
+            dx, da, db_, dw, g_d = fused(g, x2, weight, lora_A, lora_B, shrink, d, c, scaling,
+                                         (need_x, need_a, need_b, need_w))  # fmt: skip
+            grad_m = (g_d.to(norm.dtype) / norm).to(m_dtype) if need_m else None
+            grad_bias = g.sum(0) if need_bias else None
+            return (None if dx is None else dx.view(x_shape)), dw, grad_bias, da, db_, grad_m, None
         grad_m = None
         if need_m:  # dm_n = Σ_rows g ⊙ D / ‖·‖_n, summed in the norm's precision
             if g.dtype == norm.dtype:  # one fused multiply-and-sum per column, no (M, N) product in between

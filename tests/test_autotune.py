@@ -19,15 +19,15 @@ DENSE = {"WEIGHT_FORMAT": weight_tile.DENSE, "QBLOCK": 1, "DOUBLE_QUANT": False,
 NF4 = {"WEIGHT_FORMAT": weight_tile.NF4, "QBLOCK": 64, "DOUBLE_QUANT": True, "NF4_ROWS": True}
 # Each kernel with flags its launcher sets (in the launcher's order) and a layer shape.
 KERNELS = [
-    (lora_linear._FWD, {"HAS_BIAS": True, **DENSE, "DOT_PRECISION": "ieee", "BLOCK_R": 16}, {"N": 4096, "K": 4096, "R": 16}),
-    (lora_linear._BWD, {"DROPOUT": True, **DENSE, "DOT_PRECISION": "ieee", "BLOCK_R": 16}, {"N": 4096, "K": 4096, "R": 16}),
-    (lora_linear._FWD, {"HAS_BIAS": True, **NF4, "DOT_PRECISION": "ieee", "BLOCK_R": 16}, {"N": 4096, "K": 4096, "R": 16}),
-    (lora_linear._BWD, {"DROPOUT": True, **NF4, "DOT_PRECISION": "ieee", "BLOCK_R": 16}, {"N": 4096, "K": 4096, "R": 16}),
-    (lora_linear._FWD_TMA, {"HAS_BIAS": True, "DOT_PRECISION": "ieee", "BLOCK_R": 16}, {"N": 4096, "K": 4096, "R": 16}),
-    (lora_linear._BWD_TMA, {"DROPOUT": True, "DOT_PRECISION": "ieee", "BLOCK_R": 16}, {"N": 4096, "K": 4096, "R": 16}),
+    (lora_linear._FWD, {"HAS_BIAS": True, "DORA": False, **DENSE, "DOT_PRECISION": "ieee", "BLOCK_R": 16}, {"N": 4096, "K": 4096, "R": 16}),
+    (lora_linear._BWD, {"DROPOUT": True, "DORA": False, **DENSE, "DOT_PRECISION": "ieee", "BLOCK_R": 16}, {"N": 4096, "K": 4096, "R": 16}),
+    (lora_linear._FWD, {"HAS_BIAS": True, "DORA": False, **NF4, "DOT_PRECISION": "ieee", "BLOCK_R": 16}, {"N": 4096, "K": 4096, "R": 16}),
+    (lora_linear._BWD, {"DROPOUT": True, "DORA": False, **NF4, "DOT_PRECISION": "ieee", "BLOCK_R": 16}, {"N": 4096, "K": 4096, "R": 16}),
+    (lora_linear._FWD_TMA, {"HAS_BIAS": True, "DORA": False, "DOT_PRECISION": "ieee", "BLOCK_R": 16}, {"N": 4096, "K": 4096, "R": 16}),
+    (lora_linear._BWD_TMA, {"DROPOUT": True, "DORA": False, "DOT_PRECISION": "ieee", "BLOCK_R": 16}, {"N": 4096, "K": 4096, "R": 16}),
     (lora_shrink._FWD, {"DROPOUT": False, "DOT_PRECISION": "ieee", "BLOCK_R": 16}, {"K": 4096, "R": 16}),
     (lora_shrink._BWD, {"DROPOUT": True, "DOT_PRECISION": "ieee", "BLOCK_R": 16}, {"K": 4096, "R": 16}),
-    (lora_expand._BWD, {"DOT_PRECISION": "ieee", "BLOCK_M": 256, "BLOCK_R": 16}, {"N": 11008, "R": 16}),
+    (lora_expand._BWD, {"DORA": False, "DOT_PRECISION": "ieee", "BLOCK_M": 256, "BLOCK_R": 16}, {"N": 11008, "R": 16}),
 ]
 
 

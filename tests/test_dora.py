@@ -42,7 +42,9 @@ def _inputs(lead, k, n, r, *, bias=True, train_base=False, seed=0):
 def _grads(fn, t: dict, wanted: set, grad_out_seed=1):
     leaves = {k: (v.detach().clone().requires_grad_(k in wanted) if v is not None else None) for k, v in t.items()}
     y = fn(**leaves)
-    g = torch.randn(y.shape, generator=torch.Generator().manual_seed(grad_out_seed), dtype=y.dtype)
+    # Drawn in float64 and rounded: randn draws other numbers in other dtypes (past 16 elements), and every
+    # run compared must see the same gradient.
+    g = torch.randn(y.shape, generator=torch.Generator().manual_seed(grad_out_seed), dtype=torch.float64).to(y.dtype)
     keys = sorted(wanted)
     gs = torch.autograd.grad(y, [leaves[k] for k in keys], g, allow_unused=False) if y.numel() else [
         torch.zeros_like(leaves[k]) for k in keys]  # fmt: skip
@@ -109,6 +111,56 @@ def test_output_can_be_modified_in_place(backend, lead, p):
         assert not y._is_view()
         y.mul_(2.0).sum().backward()
     assert t["x"].grad is not None and t["lora_A"].grad is not None
+
+
+@pytest.mark.skipif("triton" not in BACKENDS, reason="runs the Triton kernels through the interpreter")
+@pytest.mark.parametrize("arch", [80, 90])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=str)
+@pytest.mark.parametrize("bias,rank", [(True, 5), (False, 5), (True, 130)])
+def test_triton_dora_epilogue_against_float64(monkeypatch, arch, dtype, bias, rank):
+    """At dropout 0 the Triton kernels take DoRA's scale c themselves (DORA): the forward GEMM stores D and
+    y = c ⊙ D + b from one epilogue, the pass over G gives Σ g ⊙ D beside dS and dB, dX scales G's tiles in
+    its main loop; on the pointer main loops (sm_80) and the TMA ones (sm_90). Output and every gradient
+    within 2x PyTorch's own same-dtype error (plus a floor) of float64."""
+    from fastlora.kernels import lora_expand, lora_linear
+
+    monkeypatch.setattr(lora_linear, "INTERPRETED_ARCH", arch)
+    dora_launches = []
+    for module, name in ((lora_linear, "_FWD"), (lora_linear, "_FWD_TMA"), (lora_linear, "_BWD"),
+                         (lora_linear, "_BWD_TMA"), (lora_expand, "_BWD")):  # fmt: skip
+        tunable = getattr(module, name)
+        name = f"{module.__name__.rsplit('.', 1)[1]}.{name}"
+
+        def launch(grid, *args, _name=name, _launch=tunable.launch, **flags):
+            if flags.get("DORA"):
+                dora_launches.append(_name)
+            return _launch(grid, *args, **flags)
+
+        monkeypatch.setattr(tunable, "launch", launch)
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high")  # fp32 takes TMA only with tf32 allowed (exact in the interpreter)
+    try:
+        # rank 130: the pass over G runs the rank in two programs; Σ g ⊙ D comes from the first alone.
+        # K = N = 48: rows of 16-element multiples, which every supported Triton's interpreter takes by TMA.
+        t, wanted = _inputs((3, 13), 48, 48, rank, bias=bias, seed=3)
+        s = 0.8
+        with fastlora.use_backend("triton"):
+            got = _grads(lambda **a: fastlora.dora_linear(**a, scaling=s), {k: _cast(v, dtype) for k, v in t.items()},
+                         wanted)  # fmt: skip
+        truth = _grads(lambda **a: reference.dora_linear(**a, scaling=s), {k: _cast(v, torch.float64) for k, v in t.items()},
+                       wanted)  # fmt: skip
+        own = _grads(lambda **a: reference.dora_linear(**a, scaling=s), {k: _cast(v, dtype) for k, v in t.items()}, wanted)
+    finally:
+        torch.set_float32_matmul_precision(previous)
+    gemms = ["lora_linear._FWD", "lora_linear._BWD"] if arch == 80 else ["lora_linear._FWD_TMA", "lora_linear._BWD_TMA"]
+    assert sorted(dora_launches) == sorted([*gemms, "lora_expand._BWD"])
+    for key, value in truth.items():
+        e_got, e_own = rel_err(got[key], value), rel_err(own[key], value)
+        assert e_got <= 2 * e_own + FLOOR[dtype], (key, e_got, e_own)
+
+
+def _cast(t, dtype):
+    return None if t is None else t.to(dtype)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

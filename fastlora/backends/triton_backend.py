@@ -77,6 +77,30 @@ class TritonBackend:
         return grad_x, grad_a, grad_b if need_b else None, grad_w, grad_bias
 
 
+    def dora_forward(self, x2, weight, bias, lora_A, lora_B, c, scaling):
+        """DoRA at dropout 0 (fastlora.dora): y = c ⊙ D + b with D = x·Wᵀ + s·S·Bᵀ, D stored by the same GEMM's
+        epilogue (m's gradient needs it): no pass of its own over the output.
+
+        Shapes: x2 (M, K), weight (N, K) dense, bias (N,) or None, lora_A (r, K), lora_B (N, r), c (N,) in x's
+        dtype. Returns y (M, N), D (M, N), S (M, r)."""
+        shrink = lora_shrink_fwd(x2, lora_A, 0.0, None)
+        d = torch.empty((x2.shape[0], weight.shape[0]), dtype=x2.dtype, device=x2.device)
+        y = lora_linear_fwd(x2, weight, bias, shrink, lora_B, scaling, dora=(c, d))
+        return y, d, shrink
+
+    def dora_backward(self, g, x2, weight, lora_A, lora_B, shrink, d, c, scaling, needs):
+        """Gradients of ``dora_forward`` (c a constant): (dx, dA, dB, dW, Σ_rows g ⊙ D (N,) fp32). c reaches
+        the kernels, not g: dS = s·g·(c ⊙ B) and Σ g ⊙ D come from the one pass over G, dX = (g ⊙ c)·W + dS·A
+        scales each G tile in its main loop, and dB = c ⊙ (s·gᵀ·S). ``needs`` = (x, A, B, W)."""
+        need_x, need_a, need_b, need_w = needs
+        col = c[:, None]
+        d_shrink, grad_b, g_d = lora_expand_bwd(g, lora_B * col.to(lora_B.dtype), shrink, scaling, dora_d=d)
+        grad_b = grad_b.mul_(col.to(grad_b.dtype)) if need_b else None
+        grad_x = lora_linear_bwd(g, weight, d_shrink, lora_A, 0.0, None, dora_c=c) if need_x else None
+        grad_a = lora_shrink_bwd(x2, d_shrink, lora_A, 0.0, None) if need_a else None
+        grad_w = torch.mm(torch.mul(g, c).t(), x2) if need_w else None
+        return grad_x, grad_a, grad_b, grad_w, g_d
+
     # --- mixed-adapter batches ---------------------------------------------------------------------------
 
     @staticmethod

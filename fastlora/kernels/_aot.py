@@ -31,10 +31,11 @@ SHARED_MEMORY_LIMIT = {90: 227 * 1024, 80: 163 * 1024}  # bytes a block may use 
 
 _TRITON_TYPES = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}
 _ITEMSIZE = {"float16": 2, "bfloat16": 2, "float32": 4}
-_DATA_POINTERS = {"x_ptr", "w_ptr", "bias_ptr", "g_ptr", "s_ptr", "y_ptr", "dx_ptr"}
+# (c_ptr and d_ptr: DoRA's column scale and its unscaled output, in the data's dtype.)
+_DATA_POINTERS = {"x_ptr", "w_ptr", "bias_ptr", "g_ptr", "s_ptr", "y_ptr", "dx_ptr", "c_ptr", "d_ptr"}
 _WEIGHT_TILE_POINTERS = ("w_ptr", "absmax_ptr", "absmax_code_ptr", "absmax_scale_ptr", "absmax_offset_ptr", "nf4_ptr")
 _ADAPTER_POINTERS = {"a_ptr", "b_ptr"}
-_FP32_POINTERS = {"ds_ptr", "db_ptr", "da_ptr", "out_ptr"}  # d_shrink and the reductions' fp32 outputs
+_FP32_POINTERS = {"ds_ptr", "db_ptr", "da_ptr", "out_ptr", "gd_ptr"}  # d_shrink and the reductions' fp32 outputs
 # Mixed-adapter batches: each row's adapter, the per-adapter tables (kernels/lora_multi.py), sorted rows.
 _MULTI_POINTERS = {"idx_ptr": "*i64", "rank_ptr": "*i32", "scale_ptr": "*fp32", "thr_ptr": "*i64",
                    "inv_ptr": "*fp32", "coef_ptr": "*fp32", "order_ptr": "*i64", "offsets_ptr": "*i64"}  # fmt: skip
@@ -154,18 +155,33 @@ _DENSE = {"WEIGHT_FORMAT": [weight_tile.DENSE], "QBLOCK": [1], "DOUBLE_QUANT": [
 _NF4 = {"WEIGHT_FORMAT": [weight_tile.NF4], "QBLOCK": [64], "DOUBLE_QUANT": [False, True], "NF4_ROWS": [False],
         "MULTI": [False, True]}  # fmt: skip
 _NF4_ROWS = {**_NF4, "NF4_ROWS": [True]}
+# DoRA's epilogue (DORA) is launched on a dense W with one adapter only.
+_NO_DORA = {"DORA": [False]}
 _KERNELS = [
-    (lora_linear._FWD, {"HAS_BIAS": [False, True], **_DENSE, "BLOCK_R": [lora_linear.PROLOGUE_BLOCK_R]}, True),
-    (lora_linear._BWD, {"DROPOUT": [False, True], **_DENSE, "BLOCK_R": [lora_linear.PROLOGUE_BLOCK_R]}, True),
-    (lora_linear._FWD, {"HAS_BIAS": [False, True], **_NF4, "BLOCK_R": [lora_linear.PROLOGUE_BLOCK_R]}, True),
-    (lora_linear._BWD, {"DROPOUT": [False, True], **_NF4, "BLOCK_R": [lora_linear.PROLOGUE_BLOCK_R]}, True),
-    (lora_linear._FWD, {"HAS_BIAS": [False, True], **_NF4_ROWS, "BLOCK_R": [lora_linear.PROLOGUE_BLOCK_R]}, True),
-    (lora_linear._BWD, {"DROPOUT": [False, True], **_NF4_ROWS, "BLOCK_R": [lora_linear.PROLOGUE_BLOCK_R]}, True),
-    (lora_linear._FWD_TMA, {"HAS_BIAS": [False, True], "BLOCK_R": [lora_linear.PROLOGUE_BLOCK_R]}, True),
-    (lora_linear._BWD_TMA, {"DROPOUT": [False, True], "BLOCK_R": [lora_linear.PROLOGUE_BLOCK_R]}, True),
+    (lora_linear._FWD, {"HAS_BIAS": [False, True], **_NO_DORA, **_DENSE, "BLOCK_R": [lora_linear.PROLOGUE_BLOCK_R]},
+     True),  # fmt: skip
+    (lora_linear._FWD, {"HAS_BIAS": [False, True], "DORA": [True], **_DENSE, "MULTI": [False],
+                        "BLOCK_R": [lora_linear.PROLOGUE_BLOCK_R]}, True),  # fmt: skip
+    (lora_linear._BWD, {"DROPOUT": [False, True], **_NO_DORA, **_DENSE, "BLOCK_R": [lora_linear.PROLOGUE_BLOCK_R]},
+     True),  # fmt: skip
+    (lora_linear._BWD, {"DROPOUT": [False], "DORA": [True], **_DENSE, "MULTI": [False],
+                        "BLOCK_R": [lora_linear.PROLOGUE_BLOCK_R]}, True),  # fmt: skip
+    (lora_linear._FWD, {"HAS_BIAS": [False, True], **_NO_DORA, **_NF4, "BLOCK_R": [lora_linear.PROLOGUE_BLOCK_R]},
+     True),  # fmt: skip
+    (lora_linear._BWD, {"DROPOUT": [False, True], **_NO_DORA, **_NF4, "BLOCK_R": [lora_linear.PROLOGUE_BLOCK_R]},
+     True),  # fmt: skip
+    (lora_linear._FWD, {"HAS_BIAS": [False, True], **_NO_DORA, **_NF4_ROWS,
+                        "BLOCK_R": [lora_linear.PROLOGUE_BLOCK_R]}, True),  # fmt: skip
+    (lora_linear._BWD, {"DROPOUT": [False, True], **_NO_DORA, **_NF4_ROWS,
+                        "BLOCK_R": [lora_linear.PROLOGUE_BLOCK_R]}, True),  # fmt: skip
+    (lora_linear._FWD_TMA, {"HAS_BIAS": [False, True], "DORA": [False, True], "BLOCK_R": [lora_linear.PROLOGUE_BLOCK_R]},
+     True),  # fmt: skip
+    (lora_linear._BWD_TMA, {"DROPOUT": [False, True], **_NO_DORA, "BLOCK_R": [lora_linear.PROLOGUE_BLOCK_R]}, True),
+    (lora_linear._BWD_TMA, {"DROPOUT": [False], "DORA": [True], "BLOCK_R": [lora_linear.PROLOGUE_BLOCK_R]}, True),
     (lora_shrink._FWD, {"DROPOUT": [False, True], "BLOCK_R": [16, 32, lora_shrink.FWD_MAX_BLOCK_R]}, False),
     (lora_shrink._BWD, {"DROPOUT": [False, True], "BLOCK_R": [16, 32, 64, 128, 256]}, False),
-    (lora_expand._BWD, {"BLOCK_R": [16, 32, 64, 128, 256]}, False),
+    (lora_expand._BWD, {"DORA": [False], "BLOCK_R": [16, 32, 64, 128, 256]}, False),
+    (lora_expand._BWD, {"DORA": [True], "BLOCK_R": [16, 32, 64, lora_expand.DORA_MAX_BLOCK_R]}, False),
     (lora_multi._SHRINK, {"DROPOUT": [False, True], "BLOCK_R": [16, 32, lora_multi.MAX_BLOCK_R]}, False),
     (lora_multi._DS, {"BLOCK_R": [16, 32, lora_multi.MAX_BLOCK_R]}, False),
     (lora_multi._SEGMENT, {"DROPOUT": [False, True], "BLOCK_R": [16, 32, 64, 128, 256]}, False),
@@ -174,7 +190,7 @@ _KERNELS = [
 
 def _extra_constexprs(tunable: Tunable, flags: dict) -> dict:
     if tunable is lora_expand._BWD:  # its row block is fixed by the rank, not autotuned
-        return {"BLOCK_M": lora_expand._block_m(flags["BLOCK_R"])}
+        return {"BLOCK_M": lora_expand._block_m(flags["BLOCK_R"], flags["DORA"])}
     return {}
 
 

@@ -27,11 +27,13 @@ __all__ = ["lora_expand_bwd"]
 
 @triton.jit
 def _lora_expand_bwd_kernel(
-    g_ptr, b_ptr, s_ptr, ds_ptr, db_ptr,
+    g_ptr, b_ptr, s_ptr, ds_ptr, db_ptr, d_ptr, gd_ptr,
     M, N, R, cols_per_split,
     stride_gm, stride_gn, stride_bn, stride_br, stride_sm, stride_sr,
     stride_dss, stride_dsm, stride_dsr, stride_dbs, stride_dbn, stride_dbr,
-    DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+    stride_dm, stride_dn, stride_gds, stride_gdn,
+    DORA: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_R: tl.constexpr,
 ):  # fmt: skip
     pid_m = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -57,6 +59,12 @@ def _lora_expand_bwd_kernel(
         d_b = tl.dot(tl.trans(g), s, input_precision=DOT_PRECISION)  # (BLOCK_N, BLOCK_R)
         tl.store(db_ptr + pid_m * stride_dbs + rn64[:, None] * stride_dbn + rr[None, :] * stride_dbr, d_b,
                  mask=col_ok[:, None] & (rr[None, :] < R))  # fmt: skip
+        if DORA:  # DoRA's Σ_rows G ⊙ D per column (m's gradient), from the G tile already here
+            if tl.program_id(2) == 0:
+                d = tl.load(d_ptr + rm64[:, None] * stride_dm + rn64[None, :] * stride_dn,
+                            mask=row_ok[:, None] & col_ok[None, :], other=0.0)  # fmt: skip
+                g_d = tl.sum(g.to(tl.float32) * d.to(tl.float32), axis=0)
+                tl.store(gd_ptr + pid_m * stride_gds + rn64 * stride_gdn, g_d, mask=col_ok)
     tl.store(ds_ptr + pid_s * stride_dss + rm64[:, None] * stride_dsm + rr[None, :] * stride_dsr, d_shrink,
              mask=row_ok[:, None] & (rr[None, :] < R))  # fmt: skip
 
@@ -67,7 +75,11 @@ def _cfg(bn, warps, stages):
 
 def _configs(flags: dict, arch: int, itemsize: int) -> list[triton.Config]:
     """8 warps throughout: the row block is tall (up to 256 rows) and G's tile is read twice, once
-    transposed. Wider ranks keep S, B and the dB partial (each BLOCK_R wide) live: narrower G tiles."""
+    transposed. Wider ranks keep S, B and the dB partial (each BLOCK_R wide) live: narrower G tiles. DoRA's
+    D tile beside G's (DORA) takes the narrow tile at every rank, in two stages (32-column tiles spill 104 to
+    200 bytes on sm_90, Triton 3.9)."""
+    if flags.get("DORA"):
+        return [_cfg(16, 8, 2)]
     if flags["BLOCK_R"] <= 64:
         # A 64-column G tile (BLOCK_R <= 32, 16-bit, sm_90) fits in 255 registers on Triton 3.9 only: it
         # spills 368 bytes on 3.4 and 16 on 3.6 and 3.7. Four stages spill 8 bytes on sm_80 with Triton 3.4.
@@ -78,11 +90,16 @@ def _configs(flags: dict, arch: int, itemsize: int) -> list[triton.Config]:
 _BWD = Tunable(_lora_expand_bwd_kernel, _configs, key=["M", "N", "R"], interpreter_config=_cfg(32, 1, 1))
 
 
-def _block_m(block_r: int) -> int:
+def _block_m(block_r: int, dora: bool = False) -> int:
     """Row block: as tall as a (BLOCK_M × BLOCK_R) fp32 accumulator of 8192 values allows (32 registers a
-    thread at 8 warps), since the dB partials cost 4·R/BLOCK_M of G's traffic. Fixed per rank rather than
-    autotuned, because the partials' buffer is sized by it before the launch."""
-    return max(32, min(256, 8192 // block_r))
+    thread at 8 warps), since the dB partials cost 4·R/BLOCK_M of G's traffic; half that with DoRA's D tile
+    to hold as well. Fixed per rank rather than autotuned, because the partials' buffer is sized by it before
+    the launch."""
+    return max(32, min(256, 8192 // block_r) // (2 if dora else 1))
+
+
+# With DoRA's D tile the rank runs in steps of at most 128 lanes (a 256-lane step spills 8 bytes on sm_90).
+DORA_MAX_BLOCK_R = 128
 
 
 # Column splits per row block: the second grid axis, so that short M still fills the GPU.
@@ -96,34 +113,44 @@ def _col_splits(row_programs: int, n: int, device: torch.device) -> int:
     return max(1, min(cdiv(_TARGET_PROGRAMS_PER_SM * sms, row_programs), cdiv(n, 256)))
 
 
-def lora_expand_bwd(grad_y: torch.Tensor, lora_B: torch.Tensor, shrink: torch.Tensor,
-                    scaling: float) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
-    """dS = s·G·B (M, R) fp32 and dB = s·Gᵀ·S (N, R) in lora_B's dtype.
+def lora_expand_bwd(grad_y: torch.Tensor, lora_B: torch.Tensor, shrink: torch.Tensor, scaling: float,
+                    dora_d: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:  # fmt: skip
+    """dS = s·G·B (M, R) fp32 and dB = s·Gᵀ·S (N, R) in lora_B's dtype; with ``dora_d`` also Σ_rows G ⊙ D
+    (N,) fp32, DoRA's m gradient before the norm, from the same pass over G.
 
     Args:
         grad_y: (M, N) G, any strides, x's dtype.
         lora_B: (N, R), any floating dtype (cast to G's dtype in registers).
         shrink: (M, R) S, G's dtype.
+        dora_d: (M, N) DoRA's unscaled output D, any strides, or None.
     """
     m, n = grad_y.shape
     r = lora_B.shape[1]
     if m == 0:
-        return torch.zeros((0, r), device=grad_y.device, dtype=torch.float32), torch.zeros_like(lora_B)
-    block_r = rank_block(r)
-    block_m = 16 if interpreting() else _block_m(block_r)
+        empty = torch.zeros((0, r), device=grad_y.device, dtype=torch.float32), torch.zeros_like(lora_B)
+        return empty if dora_d is None else (*empty, torch.zeros(n, device=grad_y.device, dtype=torch.float32))
+    dora = dora_d is not None
+    block_r = min(rank_block(r), DORA_MAX_BLOCK_R) if dora else rank_block(r)
+    block_m = 16 if interpreting() else _block_m(block_r, dora)
     splits = _col_splits(cdiv(m, block_m), n, grad_y.device)
     cols_per_split = cdiv(n, splits)
     ds_partial = torch.empty((splits, m, r), device=grad_y.device, dtype=torch.float32)
     db_partial = torch.empty((cdiv(m, block_m), n, r), device=grad_y.device, dtype=torch.float32)
+    d = dora_d if dora_d is not None else grad_y  # (unused without DoRA)
+    gd_partial = torch.empty((cdiv(m, block_m) if dora_d is not None else 1, n), device=grad_y.device,
+                             dtype=torch.float32)  # fmt: skip
     _BWD.launch(
         lambda meta: (cdiv(m, block_m), splits, cdiv(r, block_r)),
-        grad_y, lora_B, shrink, ds_partial, db_partial,
+        grad_y, lora_B, shrink, ds_partial, db_partial, d, gd_partial,
         m, n, r, cols_per_split,
         grad_y.stride(0), grad_y.stride(1), lora_B.stride(0), lora_B.stride(1), shrink.stride(0), shrink.stride(1),
         ds_partial.stride(0), ds_partial.stride(1), ds_partial.stride(2),
         db_partial.stride(0), db_partial.stride(1), db_partial.stride(2),
-        DOT_PRECISION=dot_precision(grad_y.dtype), BLOCK_M=block_m, BLOCK_R=block_r,
+        d.stride(0), d.stride(1), gd_partial.stride(0), gd_partial.stride(1),
+        DORA=dora_d is not None, DOT_PRECISION=dot_precision(grad_y.dtype), BLOCK_M=block_m, BLOCK_R=block_r,
     )  # fmt: skip
     d_shrink = ds_partial.sum(0).mul_(scaling)
     d_b = db_partial.sum(0).mul_(scaling).to(lora_B.dtype)
-    return d_shrink, d_b
+    if dora_d is None:
+        return d_shrink, d_b
+    return d_shrink, d_b, gd_partial.sum(0)

@@ -93,6 +93,28 @@ def _bwd_prologue(ds_ptr, a_ptr, seed_ptr, rm, rk, col0, M, K, R, threshold, inv
 
 
 @triton.jit
+def _dora_epilogue(acc, d_ptr, c_ptr, rm, rn, M, N, stride_dm, stride_dn, DORA: tl.constexpr):
+    """DoRA (fastlora.dora, dropout 0): stores the tile as it is, D = x·Wᵀ + s·S·Bᵀ (what m's gradient needs),
+    and returns it scaled per column by c = m / ‖W + s·B·A‖, for the bias and the output store. Without DORA,
+    the tile unchanged."""
+    if DORA:
+        tl.store(d_ptr + rm.to(tl.int64)[:, None] * stride_dm + rn.to(tl.int64)[None, :] * stride_dn,
+                 acc.to(d_ptr.dtype.element_ty), mask=(rm[:, None] < M) & (rn[None, :] < N))  # fmt: skip
+        acc = acc * tl.load(c_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
+    return acc
+
+
+@triton.jit
+def _dora_scale(g, c_ptr, rn, N, DORA: tl.constexpr):
+    """DoRA's dX reads G ⊙ c (c per column of G, DoRA's scale): the G tile scaled on arrival and rounded back
+    to its dtype, as the unfused (G ⊙ c)·W would be; without DORA, the tile unchanged."""
+    if DORA:
+        c = tl.load(c_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)
+        g = (g.to(tl.float32) * c[None, :]).to(g.dtype)
+    return g
+
+
+@triton.jit
 def _epilogue(acc, out_ptr, bias_ptr, rm, rn, M, N, stride_om, stride_on, HAS_BIAS: tl.constexpr):
     """Adds the bias (over columns) when there is one and stores the tile once, in the output's dtype."""
     if HAS_BIAS:
@@ -108,16 +130,17 @@ def _epilogue(acc, out_ptr, bias_ptr, rm, rn, M, N, stride_om, stride_on, HAS_BI
 @triton.jit
 def _lora_linear_fwd_kernel(
     x_ptr, w_ptr, absmax_ptr, absmax_code_ptr, absmax_scale_ptr, absmax_offset_ptr, nf4_ptr,
-    bias_ptr, s_ptr, b_ptr, y_ptr, idx_ptr, rank_ptr, scale_ptr,
+    bias_ptr, s_ptr, b_ptr, y_ptr, idx_ptr, rank_ptr, scale_ptr, c_ptr, d_ptr,
     M, N, K, R, scaling,
     stride_xm, stride_xk, stride_wn, stride_wk, stride_sm, stride_sr, stride_ba, stride_bn, stride_br,
-    stride_ym, stride_yn,
-    HAS_BIAS: tl.constexpr, WEIGHT_FORMAT: tl.constexpr, QBLOCK: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
+    stride_ym, stride_yn, stride_dm, stride_dn,
+    HAS_BIAS: tl.constexpr, DORA: tl.constexpr, WEIGHT_FORMAT: tl.constexpr, QBLOCK: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
     NF4_ROWS: tl.constexpr, MULTI: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_R: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):  # fmt: skip
     """Y tile (BLOCK_M × BLOCK_N); W dense or NF4 (weight_tile.load_w_tile); one adapter, or with MULTI each
-    row's own (kernels/lora_multi.py: B stacked (n, N, R), the row's adapter in idx)."""
+    row's own (kernels/lora_multi.py: B stacked (n, N, R), the row's adapter in idx). With DORA the tile is
+    also stored unscaled to D and scaled by c before the bias (``_dora_epilogue``)."""
     pid_m, pid_n = _grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -142,22 +165,24 @@ def _lora_linear_fwd_kernel(
                               rn64[None, :], rk[:, None], (rn[None, :] < N) & (rk[:, None] < K), stride_wn, stride_wk,
                               K, WEIGHT_FORMAT, QBLOCK, DOUBLE_QUANT)  # fmt: skip
         acc = tl.dot(x, w_t.to(x.dtype), acc, input_precision=DOT_PRECISION)
+    acc = _dora_epilogue(acc, d_ptr, c_ptr, rm, rn, M, N, stride_dm, stride_dn, DORA)
     _epilogue(acc, y_ptr, bias_ptr, rm, rn, M, N, stride_ym, stride_yn, HAS_BIAS)
 
 
 @triton.jit
 def _lora_linear_bwd_kernel(
     g_ptr, w_ptr, absmax_ptr, absmax_code_ptr, absmax_scale_ptr, absmax_offset_ptr, nf4_ptr,
-    ds_ptr, a_ptr, dx_ptr, seed_ptr, idx_ptr, rank_ptr, thr_ptr, inv_ptr,
+    ds_ptr, a_ptr, dx_ptr, seed_ptr, idx_ptr, rank_ptr, thr_ptr, inv_ptr, c_ptr,
     M, N, K, R, threshold, inv_keep,
     stride_gm, stride_gn, stride_wn, stride_wk, stride_dsm, stride_dsr, stride_aa, stride_ar, stride_ak,
     stride_dxm, stride_dxk,
-    DROPOUT: tl.constexpr, WEIGHT_FORMAT: tl.constexpr, QBLOCK: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
+    DROPOUT: tl.constexpr, DORA: tl.constexpr, WEIGHT_FORMAT: tl.constexpr, QBLOCK: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
     NF4_ROWS: tl.constexpr, MULTI: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_R: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):  # fmt: skip
     """dX tile (BLOCK_M × BLOCK_K); the reduction runs over N in steps of BLOCK_N; W dense or NF4; one
-    adapter, or with MULTI each row's own (A stacked (n, R, K), per-adapter dropout)."""
+    adapter, or with MULTI each row's own (A stacked (n, R, K), per-adapter dropout). With DORA each G tile
+    is scaled by c per column as it arrives (``_dora_scale``)."""
     pid_m, pid_k = _grouped_tile(tl.program_id(0), M, K, BLOCK_M, BLOCK_K, GROUP_M)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rk = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
@@ -176,6 +201,7 @@ def _lora_linear_bwd_kernel(
         rn64 = rn.to(tl.int64)
         g = tl.load(g_ptr + rm64[:, None] * stride_gm + rn64[None, :] * stride_gn,
                     mask=(rm[:, None] < M) & (rn[None, :] < N), other=0.0)  # fmt: skip
+        g = _dora_scale(g, c_ptr, rn, N, DORA)
         if NF4_ROWS:
             w = load_nf4_rows(w_ptr, absmax_ptr, absmax_code_ptr, absmax_scale_ptr, absmax_offset_ptr, nf4_ptr, rn64,
                               pid_k * BLOCK_K, N, K, QBLOCK, DOUBLE_QUANT, BLOCK_N, BLOCK_K)  # fmt: skip
@@ -208,10 +234,10 @@ def _lora_linear_bwd_kernel(
 
 @triton.jit
 def _lora_linear_fwd_tma_kernel(
-    y_ptr, x_desc, w_desc, bias_ptr, s_ptr, b_ptr,
+    y_ptr, x_desc, w_desc, bias_ptr, s_ptr, b_ptr, c_ptr, d_ptr,
     M, N, K, R, scaling,
-    stride_sm, stride_sr, stride_bn, stride_br, stride_ym, stride_yn,
-    HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_R: tl.constexpr,
+    stride_sm, stride_sr, stride_bn, stride_br, stride_ym, stride_yn, stride_dm, stride_dn,
+    HAS_BIAS: tl.constexpr, DORA: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_R: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):  # fmt: skip
     # The host sets the descriptors' boxes per config (_persistent_grid); a stale one would load other tiles.
@@ -228,15 +254,16 @@ def _lora_linear_fwd_tma_kernel(
             x = x_desc.load([pid_m * BLOCK_M, k0])
             w = w_desc.load([pid_n * BLOCK_N, k0])
             acc = tl.dot(x, w.T, acc, input_precision=DOT_PRECISION)
+        acc = _dora_epilogue(acc, d_ptr, c_ptr, rm, rn, M, N, stride_dm, stride_dn, DORA)
         _epilogue(acc, y_ptr, bias_ptr, rm, rn, M, N, stride_ym, stride_yn, HAS_BIAS)
 
 
 @triton.jit
 def _lora_linear_bwd_tma_kernel(
-    dx_ptr, g_desc, w_desc, ds_ptr, a_ptr, seed_ptr,
+    dx_ptr, g_desc, w_desc, ds_ptr, a_ptr, seed_ptr, c_ptr,
     M, N, K, R, threshold, inv_keep,
     stride_dsm, stride_dsr, stride_ar, stride_ak, stride_dxm, stride_dxk,
-    DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_R: tl.constexpr,
+    DROPOUT: tl.constexpr, DORA: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_R: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):  # fmt: skip
     """dX tiles (BLOCK_M × BLOCK_K); the reduction runs over N in steps of BLOCK_N."""
@@ -251,7 +278,7 @@ def _lora_linear_bwd_tma_kernel(
                             stride_dsm, stride_dsr, stride_ar, stride_ak, g_desc.dtype, DROPOUT, DOT_PRECISION,
                             BLOCK_R, BLOCK_M, BLOCK_K, 1)  # fmt: skip
         for n0 in range(0, N, BLOCK_N):  # + G·W on top
-            g = g_desc.load([pid_m * BLOCK_M, n0])
+            g = _dora_scale(g_desc.load([pid_m * BLOCK_M, n0]), c_ptr, n0 + tl.arange(0, BLOCK_N), N, DORA)
             w = w_desc.load([n0, pid_k * BLOCK_K])
             acc = tl.dot(g, w, acc, input_precision=DOT_PRECISION)
         _epilogue(acc, dx_ptr, dx_ptr, rm, rk, M, K, stride_dxm, stride_dxk, False)
@@ -392,24 +419,36 @@ def _multi_fit(configs: list[triton.Config], flags: dict, arch: int, itemsize: i
             and not (nf4 and (c.kwargs["BLOCK_M"] < 64 or (itemsize == 4 and c.kwargs["BLOCK_M"] >= 128)))]  # fmt: skip
 
 
+def _dora_fit(configs: list[triton.Config], flags: dict, arch: int, out_cols: str = "BLOCK_N") -> list[triton.Config]:
+    """DoRA's flag (DORA: a second store and c beside the forward tile, c applied to each G tile in dX) costs
+    registers: at most 64 accumulator values a thread, 32 on sm_80 with 4 warps (more spill: 8 to 32 bytes,
+    64 × 256 and 128 × 128 tiles on 4 warps on sm_90 with Triton 3.9, 128 × 256 on 8 warps with Triton 3.6,
+    128 × 64 on 4 warps on sm_80 with 3.9)."""
+    if not flags.get("DORA"):
+        return configs
+    return [c for c in configs
+            if _per_thread(c, "BLOCK_M", out_cols) <= (64 if arch >= 90 or c.num_warps >= 8 else 32)]  # fmt: skip
+
+
 def _fwd_configs(flags: dict, arch: int, itemsize: int) -> list[triton.Config]:
     configs = _fwd_fit(_nf4_configs(flags, arch) if flags["WEIGHT_FORMAT"] == NF4 else _FWD_CONFIGS, arch, itemsize)
-    return _multi_fit(configs, flags, arch, itemsize, "BLOCK_N")
+    return _dora_fit(_multi_fit(configs, flags, arch, itemsize, "BLOCK_N"), flags, arch)
 
 
 def _bwd_configs(flags: dict, arch: int, itemsize: int) -> list[triton.Config]:
     configs = _nf4_configs(flags, arch) if flags["WEIGHT_FORMAT"] == NF4 else _FWD_CONFIGS
     swapped = [_cfg(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_K"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages,
                     c.kwargs["GROUP_M"]) for c in configs]  # fmt: skip
-    return _multi_fit(_bwd_fit(swapped, flags, arch, itemsize), flags, arch, itemsize, "BLOCK_K")
+    return _dora_fit(_multi_fit(_bwd_fit(swapped, flags, arch, itemsize), flags, arch, itemsize, "BLOCK_K"), flags,
+                     arch, "BLOCK_K")  # fmt: skip
 
 
 def _fwd_tma_configs(flags: dict, arch: int, itemsize: int) -> list[triton.Config]:
-    return _fwd_fit(_TMA_FWD_CONFIGS, arch, itemsize) if arch >= 90 else []
+    return _dora_fit(_fwd_fit(_TMA_FWD_CONFIGS, arch, itemsize), flags, arch) if arch >= 90 else []
 
 
 def _bwd_tma_configs(flags: dict, arch: int, itemsize: int) -> list[triton.Config]:
-    return _bwd_fit(_TMA_BWD_CONFIGS, flags, arch, itemsize) if arch >= 90 else []
+    return _dora_fit(_bwd_fit(_TMA_BWD_CONFIGS, flags, arch, itemsize), flags, arch, "BLOCK_K") if arch >= 90 else []
 
 
 _FWD = Tunable(_lora_linear_fwd_kernel, _fwd_configs, key=["M", "N", "K", "R"], interpreter_config=_INTERPRETER_CONFIG)
@@ -494,7 +533,8 @@ def _descriptors(boxes: Callable[[dict], dict[str, list[int]]], **tensors: torch
 
 
 def lora_linear_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, shrink: torch.Tensor,
-                    lora_B: torch.Tensor, scaling: float, multi: tuple | None = None) -> torch.Tensor:  # fmt: skip
+                    lora_B: torch.Tensor, scaling: float, multi: tuple | None = None,
+                    dora: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:  # fmt: skip
     """Y = x·Wᵀ + b + s·S·Bᵀ, stored once.
 
     Args:
@@ -503,6 +543,8 @@ def lora_linear_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
         multi: for a mixed-adapter batch, (index (M,) int64, ``lora_multi.AdapterTables``): lora_B is then
             (n, N, R) and each row's term is s_a·S·B_aᵀ with its adapter a (``scaling`` unused). Runs the
             pointer main loop.
+        dora: DoRA at dropout 0, (c (N,) in x's dtype, D (M, N) in x's dtype to fill): the kernel stores
+            D = x·Wᵀ + s·S·Bᵀ and returns Y = c ⊙ D + b (dense W, one adapter).
 
     Returns:
         (M, N), contiguous, in x's dtype.
@@ -513,16 +555,19 @@ def lora_linear_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     y = torch.empty((m, n), device=x.device, dtype=x.dtype)
     if m == 0:
         return y
+    c, d = dora if dora is not None else (y, y)  # (unused pointers without DoRA)
     dense = isinstance(weight, torch.Tensor)
     if dense and multi is None and uses_tma(x, weight):
-        flags = dict(HAS_BIAS=bias is not None, DOT_PRECISION=dot_precision(x.dtype), BLOCK_R=PROLOGUE_BLOCK_R)
+        flags = dict(HAS_BIAS=bias is not None, DORA=dora is not None, DOT_PRECISION=dot_precision(x.dtype),
+                     BLOCK_R=PROLOGUE_BLOCK_R)  # fmt: skip
         desc = _descriptors(_fwd_boxes, x_desc=x, w_desc=weight)
         _FWD_TMA.launch(
             _persistent_grid(x.device, lambda meta: cdiv(m, meta["BLOCK_M"]) * cdiv(n, meta["BLOCK_N"]), _fwd_boxes,
                              desc),
-            y, desc["x_desc"], desc["w_desc"], bias if bias is not None else y, shrink, lora_B,
+            y, desc["x_desc"], desc["w_desc"], bias if bias is not None else y, shrink, lora_B, c, d,
             m, n, k, r, scaling,
             shrink.stride(0), shrink.stride(1), lora_B.stride(0), lora_B.stride(1), y.stride(0), y.stride(1),
+            d.stride(0), d.stride(1),
             **flags,
         )  # fmt: skip
         return y
@@ -532,18 +577,19 @@ def lora_linear_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     _FWD.launch(
         lambda meta: (cdiv(m, meta["BLOCK_M"]) * cdiv(n, meta["BLOCK_N"]),),
         x, w, absmax, absmax_code, absmax_scale, absmax_offset, nf4, bias if bias is not None else x, shrink,
-        lora_B, y, index, tables.rank, tables.scale,
+        lora_B, y, index, tables.rank, tables.scale, c, d,
         m, n, k, r, scaling,
         x.stride(0), x.stride(1), stride_wn, stride_wk, shrink.stride(0), shrink.stride(1),
-        stride_ba, stride_bn, stride_br, y.stride(0), y.stride(1),
-        HAS_BIAS=bias is not None, **formats, MULTI=multi is not None, DOT_PRECISION=dot_precision(x.dtype),
+        stride_ba, stride_bn, stride_br, y.stride(0), y.stride(1), d.stride(0), d.stride(1),
+        HAS_BIAS=bias is not None, DORA=dora is not None, **formats, MULTI=multi is not None, DOT_PRECISION=dot_precision(x.dtype),
         BLOCK_R=PROLOGUE_BLOCK_R,
     )  # fmt: skip
     return y
 
 
 def lora_linear_bwd(grad_y: torch.Tensor, weight: torch.Tensor, d_shrink: torch.Tensor, lora_A: torch.Tensor,
-                    dropout_p: float, seed: torch.Tensor | None, multi: tuple | None = None) -> torch.Tensor:  # fmt: skip
+                    dropout_p: float, seed: torch.Tensor | None, multi: tuple | None = None,
+                    dora_c: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
     """dX = G·W + (dS·A) ⊙ m / (1 − p), with the mask regenerated from ``seed``.
 
     Args:
@@ -552,6 +598,8 @@ def lora_linear_bwd(grad_y: torch.Tensor, weight: torch.Tensor, d_shrink: torch.
         seed: (1,) int64 on G's device when dropout_p > 0.
         multi: for a mixed-adapter batch, (index, tables) as in ``lora_linear_fwd``: lora_A is (n, R, K), each
             row masked with its adapter's probability from the tables (``dropout_p`` unused).
+        dora_c: DoRA at dropout 0, c (N,) in G's dtype: dX = (G ⊙ c)·W + dS·A, G scaled in the main loop
+            (dense W, one adapter).
 
     Returns:
         (M, K), contiguous, in G's dtype.
@@ -564,12 +612,14 @@ def lora_linear_bwd(grad_y: torch.Tensor, weight: torch.Tensor, d_shrink: torch.
         return dx
     dense = isinstance(weight, torch.Tensor)
     if dense and multi is None and uses_tma(grad_y, weight):
-        flags = dict(DROPOUT=dropout_p > 0.0, DOT_PRECISION=dot_precision(grad_y.dtype), BLOCK_R=PROLOGUE_BLOCK_R)
+        flags = dict(DROPOUT=dropout_p > 0.0, DORA=dora_c is not None, DOT_PRECISION=dot_precision(grad_y.dtype),
+                     BLOCK_R=PROLOGUE_BLOCK_R)  # fmt: skip
         desc = _descriptors(_bwd_boxes, g_desc=grad_y, w_desc=weight)
         _BWD_TMA.launch(
             _persistent_grid(grad_y.device, lambda meta: cdiv(m, meta["BLOCK_M"]) * cdiv(k, meta["BLOCK_K"]),
                              _bwd_boxes, desc),
             dx, desc["g_desc"], desc["w_desc"], d_shrink, lora_A, seed_pointer(seed, dx),
+            dora_c if dora_c is not None else dx,
             m, n, k, r, keep_threshold(dropout_p), 1.0 / (1.0 - dropout_p),
             d_shrink.stride(0), d_shrink.stride(1), lora_A.stride(0), lora_A.stride(1), dx.stride(0), dx.stride(1),
             **flags,
@@ -584,10 +634,12 @@ def lora_linear_bwd(grad_y: torch.Tensor, weight: torch.Tensor, d_shrink: torch.
         lambda meta: (cdiv(m, meta["BLOCK_M"]) * cdiv(k, meta["BLOCK_K"]),),
         grad_y, w, absmax, absmax_code, absmax_scale, absmax_offset, nf4, d_shrink, lora_A, dx,
         seed_pointer(seed, grad_y), index, tables.rank, tables.threshold, tables.inv_keep,
+        dora_c if dora_c is not None else grad_y,
         m, n, k, r, keep_threshold(single_p), 1.0 / (1.0 - single_p),
         grad_y.stride(0), grad_y.stride(1), stride_wn, stride_wk,
         d_shrink.stride(0), d_shrink.stride(1), stride_aa, stride_ar, stride_ak, dx.stride(0), dx.stride(1),
-        DROPOUT=dropout, **formats, MULTI=multi is not None, DOT_PRECISION=dot_precision(grad_y.dtype),
+        DROPOUT=dropout, DORA=dora_c is not None, **formats, MULTI=multi is not None,
+        DOT_PRECISION=dot_precision(grad_y.dtype),
         BLOCK_R=PROLOGUE_BLOCK_R,
     )  # fmt: skip
     return dx
