@@ -174,10 +174,14 @@ _KERNELS = [
                         "BLOCK_R": [lora_linear.PROLOGUE_BLOCK_R]}, True),  # fmt: skip
     (lora_linear._BWD, {"DROPOUT": [False, True], **_NO_DORA, **_NF4_ROWS,
                         "BLOCK_R": [lora_linear.PROLOGUE_BLOCK_R]}, True),  # fmt: skip
-    (lora_linear._FWD_TMA, {"HAS_BIAS": [False, True], "DORA": [False, True], "BLOCK_R": [lora_linear.PROLOGUE_BLOCK_R]},
-     True),  # fmt: skip
-    (lora_linear._BWD_TMA, {"DROPOUT": [False, True], **_NO_DORA, "BLOCK_R": [lora_linear.PROLOGUE_BLOCK_R]}, True),
-    (lora_linear._BWD_TMA, {"DROPOUT": [False], "DORA": [True], "BLOCK_R": [lora_linear.PROLOGUE_BLOCK_R]}, True),
+    (lora_linear._FWD_TMA, {"HAS_BIAS": [False, True], **_NO_DORA, "MULTI": [False, True],
+                            "BLOCK_R": [lora_linear.PROLOGUE_BLOCK_R]}, True),  # fmt: skip
+    (lora_linear._FWD_TMA, {"HAS_BIAS": [False, True], "DORA": [True], "MULTI": [False],
+                            "BLOCK_R": [lora_linear.PROLOGUE_BLOCK_R]}, True),  # fmt: skip
+    (lora_linear._BWD_TMA, {"DROPOUT": [False, True], **_NO_DORA, "MULTI": [False, True],
+                            "BLOCK_R": [lora_linear.PROLOGUE_BLOCK_R]}, True),  # fmt: skip
+    (lora_linear._BWD_TMA, {"DROPOUT": [False], "DORA": [True], "MULTI": [False],
+                            "BLOCK_R": [lora_linear.PROLOGUE_BLOCK_R]}, True),  # fmt: skip
     (lora_shrink._FWD, {"DROPOUT": [False, True], "BLOCK_R": [16, 32, lora_shrink.FWD_MAX_BLOCK_R]}, False),
     (lora_shrink._BWD, {"DROPOUT": [False, True], "BLOCK_R": [16, 32, 64, 128, 256]}, False),
     (lora_expand._BWD, {"DORA": [False], "BLOCK_R": [16, 32, 64, 128, 256]}, False),

@@ -234,10 +234,11 @@ def _lora_linear_bwd_kernel(
 
 @triton.jit
 def _lora_linear_fwd_tma_kernel(
-    y_ptr, x_desc, w_desc, bias_ptr, s_ptr, b_ptr, c_ptr, d_ptr,
+    y_ptr, x_desc, w_desc, bias_ptr, s_ptr, b_ptr, c_ptr, d_ptr, idx_ptr, rank_ptr, scale_ptr,
     M, N, K, R, scaling,
-    stride_sm, stride_sr, stride_bn, stride_br, stride_ym, stride_yn, stride_dm, stride_dn,
-    HAS_BIAS: tl.constexpr, DORA: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_R: tl.constexpr,
+    stride_sm, stride_sr, stride_ba, stride_bn, stride_br, stride_ym, stride_yn, stride_dm, stride_dn,
+    HAS_BIAS: tl.constexpr, DORA: tl.constexpr, MULTI: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_R: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):  # fmt: skip
     # The host sets the descriptors' boxes per config (_persistent_grid); a stale one would load other tiles.
@@ -248,8 +249,13 @@ def _lora_linear_fwd_tma_kernel(
         pid_m, pid_n = _grouped_tile(tile, M, N, BLOCK_M, BLOCK_N, GROUP_M)
         rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        acc = _fwd_prologue(s_ptr, b_ptr, rm, rn, M, N, R, scaling, stride_sm, stride_sr, stride_bn, stride_br,
-                            x_desc.dtype, DOT_PRECISION, BLOCK_R, BLOCK_M, BLOCK_N, 1)  # fmt: skip
+        if MULTI:
+            acc = fwd_prologue_multi(s_ptr, b_ptr, idx_ptr, rank_ptr, scale_ptr, rm, rn, M, N, stride_sm, stride_sr,
+                                     stride_ba, stride_bn, stride_br, x_desc.dtype, DOT_PRECISION, BLOCK_R, BLOCK_M,
+                                     BLOCK_N)  # fmt: skip
+        else:
+            acc = _fwd_prologue(s_ptr, b_ptr, rm, rn, M, N, R, scaling, stride_sm, stride_sr, stride_bn, stride_br,
+                                x_desc.dtype, DOT_PRECISION, BLOCK_R, BLOCK_M, BLOCK_N, 1)  # fmt: skip
         for k0 in range(0, K, BLOCK_K):  # + x·Wᵀ on top
             x = x_desc.load([pid_m * BLOCK_M, k0])
             w = w_desc.load([pid_n * BLOCK_N, k0])
@@ -260,10 +266,11 @@ def _lora_linear_fwd_tma_kernel(
 
 @triton.jit
 def _lora_linear_bwd_tma_kernel(
-    dx_ptr, g_desc, w_desc, ds_ptr, a_ptr, seed_ptr, c_ptr,
+    dx_ptr, g_desc, w_desc, ds_ptr, a_ptr, seed_ptr, c_ptr, idx_ptr, rank_ptr, thr_ptr, inv_ptr,
     M, N, K, R, threshold, inv_keep,
-    stride_dsm, stride_dsr, stride_ar, stride_ak, stride_dxm, stride_dxk,
-    DROPOUT: tl.constexpr, DORA: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_R: tl.constexpr,
+    stride_dsm, stride_dsr, stride_aa, stride_ar, stride_ak, stride_dxm, stride_dxk,
+    DROPOUT: tl.constexpr, DORA: tl.constexpr, MULTI: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_R: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):  # fmt: skip
     """dX tiles (BLOCK_M × BLOCK_K); the reduction runs over N in steps of BLOCK_N."""
@@ -274,9 +281,14 @@ def _lora_linear_bwd_tma_kernel(
         pid_m, pid_k = _grouped_tile(tile, M, K, BLOCK_M, BLOCK_K, GROUP_M)
         rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         rk = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
-        acc = _bwd_prologue(ds_ptr, a_ptr, seed_ptr, rm, rk, pid_k * BLOCK_K, M, K, R, threshold, inv_keep,
-                            stride_dsm, stride_dsr, stride_ar, stride_ak, g_desc.dtype, DROPOUT, DOT_PRECISION,
-                            BLOCK_R, BLOCK_M, BLOCK_K, 1)  # fmt: skip
+        if MULTI:
+            acc = bwd_prologue_multi(ds_ptr, a_ptr, idx_ptr, rank_ptr, thr_ptr, inv_ptr, seed_ptr, rm, rk,
+                                     pid_k * BLOCK_K, M, K, stride_dsm, stride_dsr, stride_aa, stride_ar, stride_ak,
+                                     g_desc.dtype, DROPOUT, DOT_PRECISION, BLOCK_R, BLOCK_M, BLOCK_K)  # fmt: skip
+        else:
+            acc = _bwd_prologue(ds_ptr, a_ptr, seed_ptr, rm, rk, pid_k * BLOCK_K, M, K, R, threshold, inv_keep,
+                                stride_dsm, stride_dsr, stride_ar, stride_ak, g_desc.dtype, DROPOUT, DOT_PRECISION,
+                                BLOCK_R, BLOCK_M, BLOCK_K, 1)  # fmt: skip
         for n0 in range(0, N, BLOCK_N):  # + G·W on top
             g = _dora_scale(g_desc.load([pid_m * BLOCK_M, n0]), c_ptr, n0 + tl.arange(0, BLOCK_N), N, DORA)
             w = w_desc.load([n0, pid_k * BLOCK_K])
@@ -414,7 +426,7 @@ def _multi_fit(configs: list[triton.Config], flags: dict, arch: int, itemsize: i
     if not flags.get("MULTI"):
         return configs
     most = 64 if arch >= 90 and itemsize <= 2 else 32
-    nf4 = flags["WEIGHT_FORMAT"] == NF4
+    nf4 = flags.get("WEIGHT_FORMAT") == NF4  # (the TMA kernels take a dense W only)
     return [c for c in configs if _per_thread(c, "BLOCK_M", out_cols) <= most
             and not (nf4 and (c.kwargs["BLOCK_M"] < 64 or (itemsize == 4 and c.kwargs["BLOCK_M"] >= 128)))]  # fmt: skip
 
@@ -444,11 +456,17 @@ def _bwd_configs(flags: dict, arch: int, itemsize: int) -> list[triton.Config]:
 
 
 def _fwd_tma_configs(flags: dict, arch: int, itemsize: int) -> list[triton.Config]:
-    return _dora_fit(_fwd_fit(_TMA_FWD_CONFIGS, arch, itemsize), flags, arch) if arch >= 90 else []
+    if arch < 90:
+        return []
+    configs = _multi_fit(_fwd_fit(_TMA_FWD_CONFIGS, arch, itemsize), flags, arch, itemsize, "BLOCK_N")
+    return _dora_fit(configs, flags, arch)
 
 
 def _bwd_tma_configs(flags: dict, arch: int, itemsize: int) -> list[triton.Config]:
-    return _dora_fit(_bwd_fit(_TMA_BWD_CONFIGS, flags, arch, itemsize), flags, arch, "BLOCK_K") if arch >= 90 else []
+    if arch < 90:
+        return []
+    configs = _multi_fit(_bwd_fit(_TMA_BWD_CONFIGS, flags, arch, itemsize), flags, arch, itemsize, "BLOCK_K")
+    return _dora_fit(configs, flags, arch, "BLOCK_K")
 
 
 _FWD = Tunable(_lora_linear_fwd_kernel, _fwd_configs, key=["M", "N", "K", "R"], interpreter_config=_INTERPRETER_CONFIG)
@@ -541,8 +559,7 @@ def lora_linear_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
         x: (M, K), weight: (N, K), bias: (N,) or None, all one dtype; shrink: (M, R) in x's dtype;
         lora_B: (N, R) any floating dtype (cast in registers). Any strides; R may be 0 (no LoRA term).
         multi: for a mixed-adapter batch, (index (M,) int64, ``lora_multi.AdapterTables``): lora_B is then
-            (n, N, R) and each row's term is s_a·S·B_aᵀ with its adapter a (``scaling`` unused). Runs the
-            pointer main loop.
+            (n, N, R) and each row's term is s_a·S·B_aᵀ with its adapter a (``scaling`` unused).
         dora: DoRA at dropout 0, (c (N,) in x's dtype, D (M, N) in x's dtype to fill): the kernel stores
             D = x·Wᵀ + s·S·Bᵀ and returns Y = c ⊙ D + b (dense W, one adapter).
 
@@ -556,24 +573,25 @@ def lora_linear_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     if m == 0:
         return y
     c, d = dora if dora is not None else (y, y)  # (unused pointers without DoRA)
+    index, tables = multi if multi is not None else no_multi(x.device)
+    stride_ba, stride_bn, stride_br = lora_B.stride() if multi is not None else (0, *lora_B.stride())
     dense = isinstance(weight, torch.Tensor)
-    if dense and multi is None and uses_tma(x, weight):
-        flags = dict(HAS_BIAS=bias is not None, DORA=dora is not None, DOT_PRECISION=dot_precision(x.dtype),
-                     BLOCK_R=PROLOGUE_BLOCK_R)  # fmt: skip
+    if dense and uses_tma(x, weight):
+        flags = dict(HAS_BIAS=bias is not None, DORA=dora is not None, MULTI=multi is not None,
+                     DOT_PRECISION=dot_precision(x.dtype), BLOCK_R=PROLOGUE_BLOCK_R)  # fmt: skip
         desc = _descriptors(_fwd_boxes, x_desc=x, w_desc=weight)
         _FWD_TMA.launch(
             _persistent_grid(x.device, lambda meta: cdiv(m, meta["BLOCK_M"]) * cdiv(n, meta["BLOCK_N"]), _fwd_boxes,
                              desc),
-            y, desc["x_desc"], desc["w_desc"], bias if bias is not None else y, shrink, lora_B, c, d,
+            y, desc["x_desc"], desc["w_desc"], bias if bias is not None else y, shrink, lora_B, c, d, index,
+            tables.rank, tables.scale,
             m, n, k, r, scaling,
-            shrink.stride(0), shrink.stride(1), lora_B.stride(0), lora_B.stride(1), y.stride(0), y.stride(1),
+            shrink.stride(0), shrink.stride(1), stride_ba, stride_bn, stride_br, y.stride(0), y.stride(1),
             d.stride(0), d.stride(1),
             **flags,
         )  # fmt: skip
         return y
     (w, absmax, absmax_code, absmax_scale, absmax_offset, nf4, stride_wn, stride_wk), formats = weight_args(weight, x)
-    index, tables = multi if multi is not None else no_multi(x.device)
-    stride_ba, stride_bn, stride_br = lora_B.stride() if multi is not None else (0, *lora_B.stride())
     _FWD.launch(
         lambda meta: (cdiv(m, meta["BLOCK_M"]) * cdiv(n, meta["BLOCK_N"]),),
         x, w, absmax, absmax_code, absmax_scale, absmax_offset, nf4, bias if bias is not None else x, shrink,
@@ -611,25 +629,25 @@ def lora_linear_bwd(grad_y: torch.Tensor, weight: torch.Tensor, d_shrink: torch.
     if m == 0:
         return dx
     dense = isinstance(weight, torch.Tensor)
-    if dense and multi is None and uses_tma(grad_y, weight):
-        flags = dict(DROPOUT=dropout_p > 0.0, DORA=dora_c is not None, DOT_PRECISION=dot_precision(grad_y.dtype),
-                     BLOCK_R=PROLOGUE_BLOCK_R)  # fmt: skip
+    index, tables = multi if multi is not None else no_multi(grad_y.device)
+    stride_aa, stride_ar, stride_ak = lora_A.stride() if multi is not None else (0, *lora_A.stride())
+    single_p = 0.0 if multi is not None else dropout_p
+    dropout = tables.dropout if multi is not None else dropout_p > 0.0
+    if dense and uses_tma(grad_y, weight):
+        flags = dict(DROPOUT=dropout, DORA=dora_c is not None, MULTI=multi is not None,
+                     DOT_PRECISION=dot_precision(grad_y.dtype), BLOCK_R=PROLOGUE_BLOCK_R)  # fmt: skip
         desc = _descriptors(_bwd_boxes, g_desc=grad_y, w_desc=weight)
         _BWD_TMA.launch(
             _persistent_grid(grad_y.device, lambda meta: cdiv(m, meta["BLOCK_M"]) * cdiv(k, meta["BLOCK_K"]),
                              _bwd_boxes, desc),
             dx, desc["g_desc"], desc["w_desc"], d_shrink, lora_A, seed_pointer(seed, dx),
-            dora_c if dora_c is not None else dx,
-            m, n, k, r, keep_threshold(dropout_p), 1.0 / (1.0 - dropout_p),
-            d_shrink.stride(0), d_shrink.stride(1), lora_A.stride(0), lora_A.stride(1), dx.stride(0), dx.stride(1),
+            dora_c if dora_c is not None else dx, index, tables.rank, tables.threshold, tables.inv_keep,
+            m, n, k, r, keep_threshold(single_p), 1.0 / (1.0 - single_p),
+            d_shrink.stride(0), d_shrink.stride(1), stride_aa, stride_ar, stride_ak, dx.stride(0), dx.stride(1),
             **flags,
         )  # fmt: skip
         return dx
     (w, absmax, absmax_code, absmax_scale, absmax_offset, nf4, stride_wn, stride_wk), formats = weight_args(weight, grad_y)
-    index, tables = multi if multi is not None else no_multi(grad_y.device)
-    stride_aa, stride_ar, stride_ak = lora_A.stride() if multi is not None else (0, *lora_A.stride())
-    single_p = 0.0 if multi is not None else dropout_p
-    dropout = tables.dropout if multi is not None else dropout_p > 0.0
     _BWD.launch(
         lambda meta: (cdiv(m, meta["BLOCK_M"]) * cdiv(k, meta["BLOCK_K"]),),
         grad_y, w, absmax, absmax_code, absmax_scale, absmax_offset, nf4, d_shrink, lora_A, dx,
