@@ -137,8 +137,9 @@ def lora_expand_bwd(grad_y: torch.Tensor, lora_B: torch.Tensor, shrink: torch.Te
     ds_partial = torch.empty((splits, m, r), device=grad_y.device, dtype=torch.float32)
     db_partial = torch.empty((cdiv(m, block_m), n, r), device=grad_y.device, dtype=torch.float32)
     d = dora_d if dora_d is not None else grad_y  # (unused without DoRA)
-    gd_partial = torch.empty((cdiv(m, block_m) if dora_d is not None else 1, n), device=grad_y.device,
-                             dtype=torch.float32)  # fmt: skip
+    gd_partial = ds_partial[0]  # (unused without DoRA: no allocation for it)
+    if dora_d is not None:
+        gd_partial = torch.empty((cdiv(m, block_m), n), device=grad_y.device, dtype=torch.float32)
     _BWD.launch(
         lambda meta: (cdiv(m, block_m), splits, cdiv(r, block_r)),
         grad_y, lora_B, shrink, ds_partial, db_partial, d, gd_partial,
@@ -149,8 +150,9 @@ def lora_expand_bwd(grad_y: torch.Tensor, lora_B: torch.Tensor, shrink: torch.Te
         d.stride(0), d.stride(1), gd_partial.stride(0), gd_partial.stride(1),
         DORA=dora_d is not None, DOT_PRECISION=dot_precision(grad_y.dtype), BLOCK_M=block_m, BLOCK_R=block_r,
     )  # fmt: skip
-    d_shrink = ds_partial.sum(0).mul_(scaling)
-    d_b = db_partial.sum(0).mul_(scaling).to(lora_B.dtype)
+    # A single partial is the sum: scaled in place rather than copied (host time at small sizes).
+    d_shrink = (ds_partial[0] if splits == 1 else ds_partial.sum(0)).mul_(scaling)
+    d_b = (db_partial[0] if db_partial.shape[0] == 1 else db_partial.sum(0)).mul_(scaling).to(lora_B.dtype)
     if dora_d is None:
         return d_shrink, d_b
     return d_shrink, d_b, gd_partial.sum(0)
