@@ -68,6 +68,34 @@ def op_path(monkeypatch):
         monkeypatch.setattr(torch_backend, threshold, -1)
 
 
+def launches_with_flag(monkeypatch, kernels, flag: str) -> list[str]:
+    """The names ("module.attribute") of the Triton launchers ``kernels`` ((module, attribute) pairs of
+    ``Tunable``s) launched with ``flag`` set, in launch order: filled as the test runs."""
+    names: list[str] = []
+    for module, attribute in kernels:
+        tunable = getattr(module, attribute)
+
+        def launch(grid, *args, _name=f"{module.__name__.rsplit('.', 1)[1]}.{attribute}", _launch=tunable.launch,
+                   **flags):  # fmt: skip
+            if flags.get(flag):
+                names.append(_name)
+            return _launch(grid, *args, **flags)
+
+        monkeypatch.setattr(tunable, "launch", launch)
+    return names
+
+
+@pytest.fixture
+def tf32():
+    """fp32 GEMMs with tf32 allowed, the only fp32 ones the TMA kernels take (exact fp32 dots run on CUDA
+    cores, see uses_tma). The interpreter computes every fp32 dot exactly, so fp32 results keep their
+    float64 bound."""
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high")
+    yield
+    torch.set_float32_matmul_precision(before)
+
+
 def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 

@@ -19,7 +19,7 @@ from fastlora import reference
 from fastlora.backends import draw_seed, get_backend
 from fastlora.dora import clear_norm_cache, dora_norm
 from fastlora.testing import FLOOR, keep_mask_for, layout, rel_err
-from conftest import cpu_backends
+from conftest import cpu_backends, launches_with_flag
 from snapshot import assert_unchanged, snapshot
 
 BACKENDS = cpu_backends()
@@ -117,7 +117,7 @@ def test_output_can_be_modified_in_place(backend, lead, p):
 @pytest.mark.parametrize("arch", [80, 90])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=str)
 @pytest.mark.parametrize("bias,rank", [(True, 5), (False, 5), (True, 130)])
-def test_triton_dora_epilogue_against_float64(monkeypatch, arch, dtype, bias, rank):
+def test_triton_dora_epilogue_against_float64(monkeypatch, tf32, arch, dtype, bias, rank):
     """At dropout 0 the Triton kernels take DoRA's scale c themselves (DORA): the forward GEMM stores D and
     y = c ⊙ D + b from one epilogue, the pass over G gives Σ g ⊙ D beside dS and dB, dX scales G's tiles in
     its main loop; on the pointer main loops (sm_80) and the TMA ones (sm_90). Output and every gradient
@@ -125,33 +125,18 @@ def test_triton_dora_epilogue_against_float64(monkeypatch, arch, dtype, bias, ra
     from fastlora.kernels import lora_expand, lora_linear
 
     monkeypatch.setattr(lora_linear, "INTERPRETED_ARCH", arch)
-    dora_launches = []
-    for module, name in ((lora_linear, "_FWD"), (lora_linear, "_FWD_TMA"), (lora_linear, "_BWD"),
-                         (lora_linear, "_BWD_TMA"), (lora_expand, "_BWD")):  # fmt: skip
-        tunable = getattr(module, name)
-        name = f"{module.__name__.rsplit('.', 1)[1]}.{name}"
-
-        def launch(grid, *args, _name=name, _launch=tunable.launch, **flags):
-            if flags.get("DORA"):
-                dora_launches.append(_name)
-            return _launch(grid, *args, **flags)
-
-        monkeypatch.setattr(tunable, "launch", launch)
-    previous = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision("high")  # fp32 takes TMA only with tf32 allowed (exact in the interpreter)
-    try:
-        # rank 130: the pass over G runs the rank in two programs; Σ g ⊙ D comes from the first alone.
-        # K = N = 48: rows of 16-element multiples, which every supported Triton's interpreter takes by TMA.
-        t, wanted = _inputs((3, 13), 48, 48, rank, bias=bias, seed=3)
-        s = 0.8
-        with fastlora.use_backend("triton"):
-            got = _grads(lambda **a: fastlora.dora_linear(**a, scaling=s), {k: _cast(v, dtype) for k, v in t.items()},
-                         wanted)  # fmt: skip
-        truth = _grads(lambda **a: reference.dora_linear(**a, scaling=s), {k: _cast(v, torch.float64) for k, v in t.items()},
-                       wanted)  # fmt: skip
-        own = _grads(lambda **a: reference.dora_linear(**a, scaling=s), {k: _cast(v, dtype) for k, v in t.items()}, wanted)
-    finally:
-        torch.set_float32_matmul_precision(previous)
+    dora_launches = launches_with_flag(monkeypatch, [(lora_linear, "_FWD"), (lora_linear, "_FWD_TMA"), (lora_linear, "_BWD"),
+                                                     (lora_linear, "_BWD_TMA"), (lora_expand, "_BWD")], "DORA")  # fmt: skip
+    # rank 130: the pass over G runs the rank in two programs; Σ g ⊙ D comes from the first alone.
+    # K = N = 48: rows of 16-element multiples, which every supported Triton's interpreter takes by TMA.
+    t, wanted = _inputs((3, 13), 48, 48, rank, bias=bias, seed=3)
+    s = 0.8
+    with fastlora.use_backend("triton"):
+        got = _grads(lambda **a: fastlora.dora_linear(**a, scaling=s), {k: _cast(v, dtype) for k, v in t.items()},
+                     wanted)  # fmt: skip
+    truth = _grads(lambda **a: reference.dora_linear(**a, scaling=s), {k: _cast(v, torch.float64) for k, v in t.items()},
+                   wanted)  # fmt: skip
+    own = _grads(lambda **a: reference.dora_linear(**a, scaling=s), {k: _cast(v, dtype) for k, v in t.items()}, wanted)
     gemms = ["lora_linear._FWD", "lora_linear._BWD"] if arch == 80 else ["lora_linear._FWD_TMA", "lora_linear._BWD_TMA"]
     assert sorted(dora_launches) == sorted([*gemms, "lora_expand._BWD"])
     for key, value in truth.items():

@@ -11,7 +11,7 @@ from fastlora import nf4, reference
 from fastlora.backends import draw_seed, get_backend
 from fastlora.testing import FLOOR, layout, rel_err
 
-from conftest import cpu_backends, skip_if_unsupported
+from conftest import cpu_backends, launches_with_flag, skip_if_unsupported
 
 GRAD_SEED, GEN_SEED = 1, 7
 
@@ -279,32 +279,20 @@ def test_a_per_sample_index_groups_as_its_rows_would(monkeypatch, rows, host_row
 @pytest.mark.skipif("triton" not in cpu_backends(), reason="runs the Triton kernels through the interpreter")
 @pytest.mark.parametrize("arch", [80, 90])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=str)
-def test_mixed_batch_gemms_take_the_tma_main_loop_on_sm90(monkeypatch, arch, dtype):
+def test_mixed_batch_gemms_take_the_tma_main_loop_on_sm90(monkeypatch, tf32, arch, dtype):
     """A mixed batch's two GEMMs (the per-row adapters' prologue, MULTI) on the sm_90 main loop (TMA,
     persistent) where the inputs allow it, on the pointer one on sm_80; against float64 either way. K = 48
     and N = 32: rows of 16-element multiples, which every supported Triton's interpreter takes by TMA."""
     from fastlora.kernels import lora_linear
 
     monkeypatch.setattr(lora_linear, "INTERPRETED_ARCH", arch)
-    multi_launches = []
-    for name in ("_FWD", "_FWD_TMA", "_BWD", "_BWD_TMA"):
-        tunable = getattr(lora_linear, name)
-
-        def launch(grid, *args, _name=name, _launch=tunable.launch, **flags):
-            if flags.get("MULTI"):
-                multi_launches.append(_name)
-            return _launch(grid, *args, **flags)
-
-        monkeypatch.setattr(tunable, "launch", launch)
-    previous = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision("high")  # fp32 takes TMA only with tf32 allowed (exact in the interpreter)
-    try:
-        index = torch.randint(-1, 4, (45,), generator=torch.Generator().manual_seed(8))
-        check_multi(_case((45,), 48, 32, 4, 8, index, ranks=[8, 3, 5, 1], ps=[0.0, 0.3, 0.0, 0.2]), dtype,
-                    backend="triton")  # fmt: skip
-    finally:
-        torch.set_float32_matmul_precision(previous)
-    assert sorted(multi_launches) == (["_BWD", "_FWD"] if arch == 80 else ["_BWD_TMA", "_FWD_TMA"])
+    multi_launches = launches_with_flag(monkeypatch, [(lora_linear, name) for name in ("_FWD", "_FWD_TMA", "_BWD", "_BWD_TMA")],
+                                        "MULTI")  # fmt: skip
+    index = torch.randint(-1, 4, (45,), generator=torch.Generator().manual_seed(8))
+    check_multi(_case((45,), 48, 32, 4, 8, index, ranks=[8, 3, 5, 1], ps=[0.0, 0.3, 0.0, 0.2]), dtype,
+                backend="triton")  # fmt: skip
+    assert sorted(multi_launches) == (["lora_linear._BWD", "lora_linear._FWD"] if arch == 80
+                                      else ["lora_linear._BWD_TMA", "lora_linear._FWD_TMA"])  # fmt: skip
 
 
 @pytest.mark.parametrize("bias", [True, False])

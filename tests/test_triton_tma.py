@@ -53,17 +53,6 @@ def sm80(monkeypatch):
     monkeypatch.setattr(lora_linear, "INTERPRETED_ARCH", 80)
 
 
-@pytest.fixture
-def tf32():
-    """fp32 GEMMs with tf32 allowed, the only fp32 ones the TMA kernels take (exact fp32 dots run on CUDA
-    cores, see uses_tma). The interpreter computes every fp32 dot exactly, so fp32 results keep their
-    float64 bound."""
-    before = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision("high")
-    yield
-    torch.set_float32_matmul_precision(before)
-
-
 def _tma_expected(k: int, n: int) -> tuple[bool, bool]:
     """(forward, dX) take TMA on contiguous inputs with K and N columns: 16-byte rows for every dtype here
     when K and N are multiples of 8, and multiples of 16 on the old interpreters."""
