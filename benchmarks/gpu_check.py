@@ -639,6 +639,22 @@ def _ratios(rows: list[dict]) -> list[dict]:
     return out
 
 
+def _table(lines: list[str], rows: list[dict], intro: str | None, header: list[str], keys: tuple[str, ...],
+           cells) -> None:
+    """Appends to ``lines`` a markdown table of ``rows`` (nothing when there are none), after ``intro`` when
+    given: the first columns are each row's ``keys``, the rest ``cells(row)``; a row that failed (an "error"
+    key) reads FAILED and its error, the other cells left empty."""
+    if not rows:
+        return
+    lines += ["", *([intro, ""] if intro else []), "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for q in rows:
+        lead = [str(q[k]) for k in keys]
+        if "error" in q:
+            lines.append("| " + " | ".join([*lead, f"FAILED {q['error']}"]) + " |" + " |" * (len(header) - len(keys) - 1))
+        else:
+            lines.append("| " + " | ".join([*lead, *cells(q)]) + " |")
+
+
 def to_markdown(result: dict) -> str:
     env = result["environment"]
     lines = [f"# GPU check: {env['device']}", "",
@@ -668,45 +684,28 @@ def to_markdown(result: dict) -> str:
                          f"{g['fused_ms']:.3f} | {g['torch_ms']:.3f} | {g['ratio']:.3f} | "
                          f"{g['fused_tflops']:.0f} |")  # fmt: skip
 
-    qlora = result.get("qlora", [])
-    if qlora:
-        lines += ["", "QLoRA: the fused op over an NF4 weight (forward+backward) against the bare bf16 layer and PEFT "
-                  "over bitsandbytes' Linear4bit (targets: M = 4096 <= "
-                  f"{QLORA_TARGETS['fwd_bwd_vs_bare_m4096']}x bare and >= {QLORA_TARGETS['speedup_vs_peft_m4096']}x "
-                  "faster than PEFT; M = 16 to 64 below the bare layer).", "",
-                  "| layer | M | backend | fastlora ms | bare bf16 ms | fastlora / bare | PEFT+bnb ms | speed-up over PEFT |",
-                  "|---|---|---|---|---|---|---|---|"]  # fmt: skip
-        for q in qlora:
-            if "error" in q:
-                lines.append(f"| {q['layer']} | {q['m']} | {q['backend']} | FAILED {q['error']} | | | | |")
-                continue
-            lines.append(f"| {q['layer']} | {q['m']} | {q['backend']} | {q['fastlora_ms']:.3f} | {q['bare_ms']:.3f} | "
-                         f"{q['vs_bare']:.3f} | {f(q.get('peft_bnb_ms'), '.3f')} | {f(q.get('speedup_vs_peft'), '.2f')} |")  # fmt: skip
-    multi = result.get("multi", [])
-    if multi:
-        lines += ["", "Mixed-adapter batches (lora_linear_multi): 4096 rows against the single-adapter fused op "
-                  "(targets <= 1.10x forward, <= 1.15x forward+backward); decode against PEFT's adapter_names loop "
-                  "(target >= 3x faster).", "",
-                  "| rows | adapters | backend | multi fwd ms | vs single fwd | vs single fwd+bwd | PEFT fwd ms | "
-                  "speed-up over PEFT |", "|---|---|---|---|---|---|---|---|"]  # fmt: skip
-        for q in multi:
-            if "error" in q:
-                lines.append(f"| {q['rows']} | {q['adapters']} | {q['backend']} | FAILED {q['error']} | | | | |")
-                continue
-            lines.append(f"| {q['rows']} | {q['adapters']} | {q['backend']} | {q['multi_fwd_ms']:.3f} | "
-                         f"{f(q.get('fwd_vs_single'), '.3f')} | {f(q.get('fwd_bwd_vs_single'), '.3f')} | "
-                         f"{f(q.get('peft_fwd_ms'), '.3f')} | {f(q.get('speedup_vs_peft'), '.2f')} |")  # fmt: skip
-    dora = result.get("dora", [])
-    if dora:
-        lines += ["", "DoRA, forward+backward, dropout 0 (targets <= 1.20x bare F.linear, >= 1.5x faster than PEFT's DoRA).",
-                  "", "| layer | M | backend | bare ms | PEFT DoRA ms | fastlora ms | vs bare | speed-up over PEFT |",
-                  "|---|---|---|---|---|---|---|---|"]  # fmt: skip
-        for q in dora:
-            if "error" in q:
-                lines.append(f"| {q['layer']} | {q['m']} | {q['backend']} | FAILED {q['error']} | | | | |")
-                continue
-            lines.append(f"| {q['layer']} | {q['m']} | {q['backend']} | {q['bare_ms']:.3f} | {q['peft_ms']:.3f} | "
-                         f"{q['fastlora_ms']:.3f} | {q['vs_bare']:.3f} | {q['speedup_vs_peft']:.2f} |")  # fmt: skip
+    _table(lines, result.get("qlora", []), "QLoRA: the fused op over an NF4 weight (forward+backward) against the "
+           "bare bf16 layer and PEFT over bitsandbytes' Linear4bit (targets: M = 4096 <= "
+           f"{QLORA_TARGETS['fwd_bwd_vs_bare_m4096']}x bare and >= {QLORA_TARGETS['speedup_vs_peft_m4096']}x faster "
+           "than PEFT; M = 16 to 64 below the bare layer).",
+           ["layer", "M", "backend", "fastlora ms", "bare bf16 ms", "fastlora / bare", "PEFT+bnb ms", "speed-up over PEFT"],
+           ("layer", "m", "backend"),
+           lambda q: [f"{q['fastlora_ms']:.3f}", f"{q['bare_ms']:.3f}", f"{q['vs_bare']:.3f}",
+                      f(q.get("peft_bnb_ms"), ".3f"), f(q.get("speedup_vs_peft"), ".2f")])  # fmt: skip
+    _table(lines, result.get("multi", []), "Mixed-adapter batches (lora_linear_multi): 4096 rows against the "
+           "single-adapter fused op (targets <= 1.10x forward, <= 1.15x forward+backward); decode against PEFT's "
+           "adapter_names loop (target >= 3x faster).",
+           ["rows", "adapters", "backend", "multi fwd ms", "vs single fwd", "vs single fwd+bwd", "PEFT fwd ms",
+            "speed-up over PEFT"],
+           ("rows", "adapters", "backend"),
+           lambda q: [f"{q['multi_fwd_ms']:.3f}", f(q.get("fwd_vs_single"), ".3f"), f(q.get("fwd_bwd_vs_single"), ".3f"),
+                      f(q.get("peft_fwd_ms"), ".3f"), f(q.get("speedup_vs_peft"), ".2f")])  # fmt: skip
+    _table(lines, result.get("dora", []), "DoRA, forward+backward, dropout 0 (targets <= 1.20x bare F.linear, >= 1.5x "
+           "faster than PEFT's DoRA).",
+           ["layer", "M", "backend", "bare ms", "PEFT DoRA ms", "fastlora ms", "vs bare", "speed-up over PEFT"],
+           ("layer", "m", "backend"),
+           lambda q: [f"{q['bare_ms']:.3f}", f"{q['peft_ms']:.3f}", f"{q['fastlora_ms']:.3f}", f"{q['vs_bare']:.3f}",
+                      f"{q['speedup_vs_peft']:.2f}"])  # fmt: skip
     ext = result.get("cuda_extension", {})
     lines += ["", "CUDA extension (csrc/, one-launch decode): " + (("skipped: " + ext["skipped"]) if "skipped" in ext else
               f"built in {ext.get('build_s', 0):.0f} s, ptxas {ext.get('ptxas')}")]  # fmt: skip
@@ -714,16 +713,13 @@ def to_markdown(result: dict) -> str:
         lines.append(f"- numerics {c.get('m')}x{c.get('k')}->{c.get('n')} ranks {c.get('ranks')} {c.get('dtype')} / "
                      f"{c.get('adapter_dtype')}: " + ("ok" if c.get("ok") else "FAILED") + f" (rel err {c.get('rel_err')}, "
                      f"PyTorch's {c.get('torch_rel_err')}, replay mismatches {c.get('replay_mismatches')}) {c.get('error', '')}")  # fmt: skip
-    if ext.get("timings"):
-        lines += ["", "| layer | M | F.linear ms | cuda ms | vs F.linear (<= 1.10) | PEFT ms | speed-up over PEFT (>= 3) | "
-                  "triton ms | kernel us | floor us | of floor (>= 0.8) |", "|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
-        for q in ext["timings"]:
-            if "error" in q:
-                lines.append(f"| {q['layer']} | {q['m']} | FAILED {q['error']} | | | | | | | | |")
-                continue
-            lines.append(f"| {q['layer']} | {q['m']} | {q['bare_ms']:.4f} | {q['cuda_ms']:.4f} | {q['vs_bare']:.3f} | "
-                         f"{q['peft_ms']:.4f} | {q['speedup_vs_peft']:.2f} | {q['triton_ms']:.4f} | {q['kernel_us']:.2f} | "
-                         f"{q['floor_us']:.2f} | {q['floor_fraction']:.2f} |")  # fmt: skip
+    _table(lines, ext.get("timings", []), None,
+           ["layer", "M", "F.linear ms", "cuda ms", "vs F.linear (<= 1.10)", "PEFT ms", "speed-up over PEFT (>= 3)",
+            "triton ms", "kernel us", "floor us", "of floor (>= 0.8)"],
+           ("layer", "m"),
+           lambda q: [f"{q['bare_ms']:.4f}", f"{q['cuda_ms']:.4f}", f"{q['vs_bare']:.3f}", f"{q['peft_ms']:.4f}",
+                      f"{q['speedup_vs_peft']:.2f}", f"{q['triton_ms']:.4f}", f"{q['kernel_us']:.2f}",
+                      f"{q['floor_us']:.2f}", f"{q['floor_fraction']:.2f}"])  # fmt: skip
     for g in result.get("graph_capture", []):
         lines.append(f"- {g['case']}: " + (g["skipped"] if "skipped" in g else "same as eager" if g["ok"] else "FAILED " + g["error"]))
     lines += ["", "| layer | p | variant | fwd / floor | fwd+bwd / floor (target) | speed-up over PEFT, fwd+bwd (target) |",
