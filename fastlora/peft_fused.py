@@ -244,9 +244,7 @@ def layer_name(module: nn.Module) -> str:
 def _plain_base(base: nn.Module) -> str | None:
     """Why ``base`` is not a layer whose forward is exactly x·Wᵀ + b, or None."""
     if type(base) is nn.Linear:  # the common case, without the class checks below (host time, every call)
-        if "_hf_hook" in base.__dict__ or "forward" in base.__dict__ or base._forward_hooks or base._forward_pre_hooks:
-            return _replaced_forward(base)
-        return None
+        return _replaced_forward(base)
     if isinstance(base, BaseTunerLayer):
         # A LoRA layer stacked on another tuner's layer (LoHa, LoKr, ... in a PeftMixedModel): that layer
         # adds its own term, so its output is not x·Wᵀ + b of a weight we could hand to the op.

@@ -67,11 +67,12 @@ _selected: str | None = None
 # a microsecond, on every layer call). On POSIX os.environ keeps its bytes in ``_data``, which putenv through
 # os.environ updates too: read there, by a key encoded once.
 _ENVIRON_BYTES = getattr(os.environ, "_data", None) if os.name == "posix" else None
+_ENVIRON_BYTES = _ENVIRON_BYTES if type(_ENVIRON_BYTES) is dict else None
 _ENV_KEY = os.fsencode(ENV_VAR)
 
 
 def _env_choice() -> str | None:
-    if _ENVIRON_BYTES is not None and type(_ENVIRON_BYTES) is dict:
+    if _ENVIRON_BYTES is not None:
         raw = _ENVIRON_BYTES.get(_ENV_KEY)
         return None if raw is None else os.fsdecode(raw)
     return os.environ.get(ENV_VAR)

@@ -130,6 +130,16 @@ def _lane_table(scalings: tuple, ranks: tuple, r_max: int, dtype: torch.dtype, d
     return torch.tensor([*lanes, [0.0] * r_max], dtype=dtype, device=device)
 
 
+def _rank_term_into(out: torch.Tensor, bias: torch.Tensor | None, shrink: torch.Tensor, lora_b: torch.Tensor,
+                    scaling: float) -> None:
+    """out (M, N) = b + s·S·Bᵀ (S (M, r), B (N, r)): the rank-r seed a base GEMM then accumulates onto, the
+    scaling on the GEMM's alpha. Without a bias, beta = 0: out's uninitialised values are ignored."""
+    if bias is None:
+        out.addmm_(shrink, lora_b.t(), beta=0, alpha=scaling)
+    else:
+        torch.addmm(bias, shrink, lora_b.t(), alpha=scaling, out=out)
+
+
 def _base_into(out: torch.Tensor, x2: torch.Tensor, weight, bias: torch.Tensor | None) -> None:
     """out (M, N) = x2 (M, K)·Wᵀ + b for a dense or quantised W: one GEMM with the bias as its addend."""
     if isinstance(weight, torch.Tensor):
@@ -262,10 +272,7 @@ class TorchBackend:
         # on the GEMM's alpha: no separate pass, no extra op's host time.
         y = torch.empty((*lead, out_features), dtype=dtype, device=x.device)
         y2 = y if y.dim() == 2 else y.view(-1, out_features)
-        if bias is None:
-            y2.addmm_(shrink, b.t(), beta=0, alpha=scaling)  # beta=0: y2's uninitialised values are ignored
-        else:
-            torch.addmm(bias, shrink, b.t(), alpha=scaling, out=y2)
+        _rank_term_into(y2, bias, shrink, b, scaling)
         _add_base(y2, x2, weight)
         return y, (shrink if x.dim() == 2 else shrink.view(*lead, rank))
 
@@ -347,13 +354,10 @@ class TorchBackend:
         x_hat = keep.mul_(x2).mul_(1.0 / (1.0 - dropout_p))  # the mask's float copy ends as x̂
         shrink = torch.mm(x_hat, a.t())
         d = torch.empty((m, out_features), dtype=dtype, device=x2.device)
-        d.addmm_(shrink, b.t(), beta=0, alpha=scaling)
+        _rank_term_into(d, None, shrink, b, scaling)
         _add_base(d, x_hat, weight)  # D = x̂·Wᵀ + s·S·Bᵀ
         y = torch.empty((m, out_features), dtype=dtype, device=x2.device)
-        if bias is None:
-            y.addmm_(shrink, b.t(), beta=0, alpha=scaling)
-        else:
-            torch.addmm(bias, shrink, b.t(), alpha=scaling, out=y)
+        _rank_term_into(y, bias, shrink, b, scaling)
         _add_base(y, x2, weight)
         y.addcmul_(d, c - 1)
         return y, d, shrink, mask
@@ -459,10 +463,7 @@ class TorchBackend:
                 s_a.mul_(1.0 / (1.0 - dropout_ps[a]))
             if want_shrink:
                 shrink[lo:hi, :r] = s_a
-            if bias is None:
-                ys[lo:hi].addmm_(s_a, b_all[a, :, :r].t(), beta=0, alpha=scalings[a])
-            else:
-                torch.addmm(bias, s_a, b_all[a, :, :r].t(), alpha=scalings[a], out=ys[lo:hi])
+            _rank_term_into(ys[lo:hi], bias, s_a, b_all[a, :, :r], scalings[a])
         if order is not None:
             y2.index_copy_(0, order, ys)
         _add_base(y2, x2, weight)
