@@ -4,11 +4,13 @@
                                            in backward, as PEFT does after section 4.3 of the DoRA paper)
     y  = x·Wᵀ + b + (c − 1)·(x̂·Wᵀ) + c·s·(x̂·Aᵀ)·Bᵀ          x̂ = dropout(x), the bias not scaled
 
-At dropout 0 (or in eval) x̂ = x and this is y = c ⊙ (x·Wᵀ + s·x·Aᵀ·Bᵀ) + b: the backend's fused forward
-without bias (y0), scaled per column, plus b. With dropout, y = (x − x̂)·Wᵀ + b + c ⊙ (x̂·Wᵀ + s·x̂·Aᵀ·Bᵀ):
-the rows [x̂; x − x̂] stacked run as ONE mixed-adapter call of the backend (``forward_multi``: the top half
-with the adapter, the bottom half base only), so W is read once for both products; backward likewise runs
-one ``backward_multi`` over [g ⊙ c; g].
+At dropout 0 (or in eval) x̂ = x and this is y = c ⊙ (x·Wᵀ + s·x·Aᵀ·Bᵀ) + b: a backend with ``dora_forward``
+/ ``dora_backward`` (Triton) takes c into its kernels; otherwise the backend's fused forward without bias
+(y0), scaled per column, plus b. With dropout, y = (x − x̂)·Wᵀ + b + c ⊙ (x̂·Wᵀ + s·x̂·Aᵀ·Bᵀ): a backend with
+``dora_dropout_forward`` / ``dora_dropout_backward`` (torch: stock ops) runs it itself; otherwise the rows
+[x̂; x − x̂] stacked run as ONE mixed-adapter call of the backend (``forward_multi``: the top half with the
+adapter, the bottom half base only), so W is read once for both products, and backward likewise runs one
+``backward_multi`` over [g ⊙ c; g].
 
 The norm never materialises the N×K sum W + s·B·A:
     ‖W_n + s·B_n·A‖² = ‖W_n‖² + 2s·B_n·(A·W_nᵀ) + s²·B_n·(A·Aᵀ)·B_nᵀ
@@ -212,13 +214,13 @@ class DoRALinearFunction(torch.autograd.Function):
         backend = get_backend(backend_name)
         out_features = weight.shape[0]
         g = grad_y.reshape(-1, out_features)
+        x2 = x.reshape(-1, x.shape[-1])
+        grad_bias = g.sum(0) if need_bias else None
         fused = getattr(backend, "dora_backward", None) if dropout_p == 0.0 else None
         if fused is not None:  # Triton: c inside the kernels, Σ g ⊙ D from the pass over G
-            x2 = x.reshape(-1, x.shape[-1])
             dx, da, db_, dw, g_d = fused(g, x2, weight, lora_A, lora_B, shrink, d, c, scaling,
                                          (need_x, need_a, need_b, need_w))  # fmt: skip
             grad_m = (g_d.to(norm.dtype) / norm).to(m_dtype) if need_m else None
-            grad_bias = g.sum(0) if need_bias else None
             return (None if dx is None else dx.view(x_shape)), dw, grad_bias, da, db_, grad_m, None
         grad_m = None
         if need_m:  # dm_n = Σ_rows g ⊙ D / ‖·‖_n, summed in the norm's precision
@@ -226,8 +228,6 @@ class DoRALinearFunction(torch.autograd.Function):
                 grad_m = (torch.linalg.vecdot(g.t(), d.t()) / norm).to(m_dtype)
             else:
                 grad_m = (torch.mul(g, d).sum(0, dtype=norm.dtype) / norm).to(m_dtype)
-        grad_bias = g.sum(0) if need_bias else None
-        x2 = x.reshape(-1, x.shape[-1])
         if dropout_p == 0.0:
             needs = (need_x, need_a, need_b, need_w, False)
             if g.shape[0] <= weight.shape[1] or need_w:
@@ -332,8 +332,8 @@ def dora_linear(
         (..., N) in x's dtype. Gradients for x, A, B, m, and W and b when they require grad (dW = (g ⊙ c)ᵀ·x̂ +
         gᵀ·(x − x̂), db = Σ g), each in its input's dtype.
 
-    Costs: forward the backend's fused LoRA GEMM and one pass to scale by c (p = 0); with dropout one GEMM
-    over the 2M stacked rows [x̂; x − x̂]. Saved for backward: x, S (M, r), D = x̂·Wᵀ + s·x̂·Aᵀ·Bᵀ (M, N),
+    Costs: forward the backend's fused LoRA GEMM, at p = 0 with c applied in its epilogue on Triton (one pass
+    to scale by c elsewhere); with dropout two GEMMs (torch) or one over the 2M stacked rows [x̂; x − x̂]. Saved for backward: x, S (M, r), D = x̂·Wᵀ + s·x̂·Aᵀ·Bᵀ (M, N),
     which dm needs, and with dropout the boolean keep-mask (M, K).
     """
     _check_dora(x, weight, bias, lora_A, lora_B, magnitude, scaling, dropout_p, training, generator)
