@@ -93,6 +93,40 @@ def _bwd_prologue(ds_ptr, a_ptr, seed_ptr, rm, rk, col0, M, K, R, threshold, inv
 
 
 @triton.jit
+def _fwd_start(s_ptr, b_ptr, idx_ptr, rank_ptr, scale_ptr, rm, rn, M, N, R, scaling,
+               stride_sm, stride_sr, stride_ba, stride_bn, stride_br,
+               DTYPE: tl.constexpr, MULTI: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_R: tl.constexpr,
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, RANK_STAGES: tl.constexpr):  # fmt: skip
+    """The forward accumulator's start, for both main loops: one adapter's s·S·Bᵀ, or with MULTI each row's
+    own adapter's (kernels/lora_multi.py)."""
+    if MULTI:
+        acc = fwd_prologue_multi(s_ptr, b_ptr, idx_ptr, rank_ptr, scale_ptr, rm, rn, M, N, stride_sm, stride_sr,
+                                 stride_ba, stride_bn, stride_br, DTYPE, DOT_PRECISION, BLOCK_R, BLOCK_M, BLOCK_N)  # fmt: skip
+    else:
+        acc = _fwd_prologue(s_ptr, b_ptr, rm, rn, M, N, R, scaling, stride_sm, stride_sr, stride_bn, stride_br, DTYPE,
+                            DOT_PRECISION, BLOCK_R, BLOCK_M, BLOCK_N, RANK_STAGES)  # fmt: skip
+    return acc
+
+
+@triton.jit
+def _bwd_start(ds_ptr, a_ptr, seed_ptr, idx_ptr, rank_ptr, thr_ptr, inv_ptr, rm, rk, col0, M, K, R, threshold,
+               inv_keep, stride_dsm, stride_dsr, stride_aa, stride_ar, stride_ak,
+               DTYPE: tl.constexpr, DROPOUT: tl.constexpr, MULTI: tl.constexpr, DOT_PRECISION: tl.constexpr,
+               BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, RANK_STAGES: tl.constexpr):  # fmt: skip
+    """The dX accumulator's start, for both main loops: (dS·A) ⊙ m / (1 − p) of one adapter, or with MULTI of
+    each row's own adapter, masked with its probability (kernels/lora_multi.py)."""
+    if MULTI:
+        acc = bwd_prologue_multi(ds_ptr, a_ptr, idx_ptr, rank_ptr, thr_ptr, inv_ptr, seed_ptr, rm, rk, col0, M, K,
+                                 stride_dsm, stride_dsr, stride_aa, stride_ar, stride_ak, DTYPE, DROPOUT,
+                                 DOT_PRECISION, BLOCK_R, BLOCK_M, BLOCK_K)  # fmt: skip
+    else:
+        acc = _bwd_prologue(ds_ptr, a_ptr, seed_ptr, rm, rk, col0, M, K, R, threshold, inv_keep, stride_dsm,
+                            stride_dsr, stride_ar, stride_ak, DTYPE, DROPOUT, DOT_PRECISION, BLOCK_R, BLOCK_M,
+                            BLOCK_K, RANK_STAGES)  # fmt: skip
+    return acc
+
+
+@triton.jit
 def _dora_epilogue(acc, d_ptr, c_ptr, rm, rn, M, N, stride_dm, stride_dn, DORA: tl.constexpr):
     """DoRA (fastlora.dora, dropout 0): stores the tile as it is, D = x·Wᵀ + s·S·Bᵀ (what m's gradient needs),
     and returns it scaled per column by c = m / ‖W + s·B·A‖, for the bias and the output store. Without DORA,
@@ -146,13 +180,9 @@ def _lora_linear_fwd_kernel(
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rm64 = rm.to(tl.int64)
     rn64 = rn.to(tl.int64)
-    if MULTI:
-        acc = fwd_prologue_multi(s_ptr, b_ptr, idx_ptr, rank_ptr, scale_ptr, rm, rn, M, N, stride_sm, stride_sr,
-                                 stride_ba, stride_bn, stride_br, x_ptr.dtype.element_ty, DOT_PRECISION, BLOCK_R,
-                                 BLOCK_M, BLOCK_N)  # fmt: skip
-    else:
-        acc = _fwd_prologue(s_ptr, b_ptr, rm, rn, M, N, R, scaling, stride_sm, stride_sr, stride_bn, stride_br,
-                            x_ptr.dtype.element_ty, DOT_PRECISION, BLOCK_R, BLOCK_M, BLOCK_N, None)  # fmt: skip
+    acc = _fwd_start(s_ptr, b_ptr, idx_ptr, rank_ptr, scale_ptr, rm, rn, M, N, R, scaling, stride_sm, stride_sr,
+                     stride_ba, stride_bn, stride_br, x_ptr.dtype.element_ty, MULTI, DOT_PRECISION, BLOCK_R, BLOCK_M,
+                     BLOCK_N, None)  # fmt: skip
     for k0 in range(0, K, BLOCK_K):  # + x·Wᵀ on top
         rk = k0 + tl.arange(0, BLOCK_K)
         x = tl.load(x_ptr + rm64[:, None] * stride_xm + rk[None, :] * stride_xk,
@@ -188,14 +218,9 @@ def _lora_linear_bwd_kernel(
     rk = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
     rm64 = rm.to(tl.int64)
     rk64 = rk.to(tl.int64)
-    if MULTI:
-        acc = bwd_prologue_multi(ds_ptr, a_ptr, idx_ptr, rank_ptr, thr_ptr, inv_ptr, seed_ptr, rm, rk,
-                                 pid_k * BLOCK_K, M, K, stride_dsm, stride_dsr, stride_aa, stride_ar, stride_ak,
-                                 g_ptr.dtype.element_ty, DROPOUT, DOT_PRECISION, BLOCK_R, BLOCK_M, BLOCK_K)  # fmt: skip
-    else:
-        acc = _bwd_prologue(ds_ptr, a_ptr, seed_ptr, rm, rk, pid_k * BLOCK_K, M, K, R, threshold, inv_keep,
-                            stride_dsm, stride_dsr, stride_ar, stride_ak, g_ptr.dtype.element_ty, DROPOUT,
-                            DOT_PRECISION, BLOCK_R, BLOCK_M, BLOCK_K, None)  # fmt: skip
+    acc = _bwd_start(ds_ptr, a_ptr, seed_ptr, idx_ptr, rank_ptr, thr_ptr, inv_ptr, rm, rk, pid_k * BLOCK_K, M, K, R,
+                     threshold, inv_keep, stride_dsm, stride_dsr, stride_aa, stride_ar, stride_ak, g_ptr.dtype.element_ty,
+                     DROPOUT, MULTI, DOT_PRECISION, BLOCK_R, BLOCK_M, BLOCK_K, None)  # fmt: skip
     for n0 in range(0, N, BLOCK_N):  # + G·W on top
         rn = n0 + tl.arange(0, BLOCK_N)
         rn64 = rn.to(tl.int64)
@@ -249,13 +274,9 @@ def _lora_linear_fwd_tma_kernel(
         pid_m, pid_n = _grouped_tile(tile, M, N, BLOCK_M, BLOCK_N, GROUP_M)
         rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        if MULTI:
-            acc = fwd_prologue_multi(s_ptr, b_ptr, idx_ptr, rank_ptr, scale_ptr, rm, rn, M, N, stride_sm, stride_sr,
-                                     stride_ba, stride_bn, stride_br, x_desc.dtype, DOT_PRECISION, BLOCK_R, BLOCK_M,
-                                     BLOCK_N)  # fmt: skip
-        else:
-            acc = _fwd_prologue(s_ptr, b_ptr, rm, rn, M, N, R, scaling, stride_sm, stride_sr, stride_bn, stride_br,
-                                x_desc.dtype, DOT_PRECISION, BLOCK_R, BLOCK_M, BLOCK_N, 1)  # fmt: skip
+        acc = _fwd_start(s_ptr, b_ptr, idx_ptr, rank_ptr, scale_ptr, rm, rn, M, N, R, scaling, stride_sm, stride_sr,
+                         stride_ba, stride_bn, stride_br, x_desc.dtype, MULTI, DOT_PRECISION, BLOCK_R, BLOCK_M, BLOCK_N,
+                         1)  # fmt: skip
         for k0 in range(0, K, BLOCK_K):  # + x·Wᵀ on top
             x = x_desc.load([pid_m * BLOCK_M, k0])
             w = w_desc.load([pid_n * BLOCK_N, k0])
@@ -281,14 +302,9 @@ def _lora_linear_bwd_tma_kernel(
         pid_m, pid_k = _grouped_tile(tile, M, K, BLOCK_M, BLOCK_K, GROUP_M)
         rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         rk = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
-        if MULTI:
-            acc = bwd_prologue_multi(ds_ptr, a_ptr, idx_ptr, rank_ptr, thr_ptr, inv_ptr, seed_ptr, rm, rk,
-                                     pid_k * BLOCK_K, M, K, stride_dsm, stride_dsr, stride_aa, stride_ar, stride_ak,
-                                     g_desc.dtype, DROPOUT, DOT_PRECISION, BLOCK_R, BLOCK_M, BLOCK_K)  # fmt: skip
-        else:
-            acc = _bwd_prologue(ds_ptr, a_ptr, seed_ptr, rm, rk, pid_k * BLOCK_K, M, K, R, threshold, inv_keep,
-                                stride_dsm, stride_dsr, stride_ar, stride_ak, g_desc.dtype, DROPOUT, DOT_PRECISION,
-                                BLOCK_R, BLOCK_M, BLOCK_K, 1)  # fmt: skip
+        acc = _bwd_start(ds_ptr, a_ptr, seed_ptr, idx_ptr, rank_ptr, thr_ptr, inv_ptr, rm, rk, pid_k * BLOCK_K, M, K,
+                         R, threshold, inv_keep, stride_dsm, stride_dsr, stride_aa, stride_ar, stride_ak, g_desc.dtype,
+                         DROPOUT, MULTI, DOT_PRECISION, BLOCK_R, BLOCK_M, BLOCK_K, 1)  # fmt: skip
         for n0 in range(0, N, BLOCK_N):  # + G·W on top
             g = _dora_scale(g_desc.load([pid_m * BLOCK_M, n0]), c_ptr, n0 + tl.arange(0, BLOCK_N), N, DORA)
             w = w_desc.load([n0, pid_k * BLOCK_K])
